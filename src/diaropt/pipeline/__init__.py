@@ -1,0 +1,1 @@
+"""Diarization pipeline stages (pure array-in/array-out functions, no model code)."""

@@ -1,0 +1,584 @@
+"""Clustering stage: local-speaker embeddings -> global speaker (cluster) per chunk slot.
+
+Input contract (all variants):
+
+* ``embeddings``: ``(num_chunks, num_local_speakers, dimension)`` float (3 local slots for
+  segmentation-3.0). A row containing any NaN (or of zero norm) is *unusable*: the slot was
+  skipped by the embedding stage (inactive, too short, ...).
+* ``segmentations`` (optional): ``(num_chunks, num_frames, num_local_speakers)`` hard
+  ``{0, 1}`` activations. When given, all-silent slots are forced to ``-2`` and only slots
+  with enough clean (single-speaker) frames are used to *fit* the clusters (pyannote's
+  ``min_active_ratio`` filter); the others are still assigned afterwards.
+
+Output contract (:class:`ClusteringResult`):
+
+* ``hard_clusters``: ``(num_chunks, num_local_speakers)`` int8, cluster index in
+  ``[0, num_clusters)`` or ``-2`` for skipped / unassignable slots. Two slots of one chunk
+  never share a cluster (constrained assignment).
+* ``centroids``: ``(num_clusters, dimension)`` float32, L2-normalised.
+
+Every variant runs the same three steps (:class:`BaseClustering`):
+filter (which slots are assignable / used for fitting) -> cluster (fit centroids) ->
+constrained assignment (per-chunk Hungarian matching on cosine similarity).
+Clusters are numbered by order of first appearance among the fitting slots (chunk-major,
+then slot), so ``SPEAKER_00`` is (normally) the first speaker heard.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.optimize import linear_sum_assignment
+
+__all__ = [
+    "UNASSIGNED",
+    "ClusteringResult",
+    "ClusterFit",
+    "ClusterBounds",
+    "BaseClustering",
+    "AgglomerativeClustering",
+    "OnlineEMAClustering",
+    "CLUSTERING",
+    "get_clustering",
+    "constrained_assignment",
+    "resolve_cluster_bounds",
+]
+
+#: Label of skipped / unassigned local speakers in ``hard_clusters`` (pyannote convention).
+UNASSIGNED = -2
+_MAX_INT8_CLUSTERS = int(np.iinfo(np.int8).max) + 1
+
+
+@dataclass(frozen=True)
+class ClusteringResult:
+    """Output: ``hard_clusters (num_chunks, L) int8``, ``centroids (K, D) float32``."""
+
+    hard_clusters: np.ndarray
+    centroids: np.ndarray
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.centroids.shape[0])
+
+
+@dataclass(frozen=True)
+class ClusterFit:
+    """Result of the fitting step.
+
+    ``centroids (K, D)`` unit-norm float64; ``labels (num_chunks, L)`` int64 cluster of each
+    slot used for fitting (``-2`` elsewhere). Labels of one chunk may collide (e.g. after a
+    merge); the assignment step resolves that.
+    """
+
+    centroids: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class ClusterBounds:
+    """Resolved speaker-count constraints.
+
+    ``num_clusters`` is the forced count (``None`` = free); ``min_clusters <= max_clusters``
+    bound a free count. All are already clipped to the number of fitting embeddings.
+    """
+
+    num_clusters: int | None
+    min_clusters: int
+    max_clusters: int
+
+
+def _check_count(name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)
+
+
+def resolve_cluster_bounds(
+    num_embeddings: int,
+    num_speakers: int | None = None,
+    min_speakers: int | None = None,
+    max_speakers: int | None = None,
+) -> ClusterBounds:
+    """Turn user speaker-count hints into :class:`ClusterBounds`.
+
+    ``min_speakers == max_speakers`` is treated as a forced count. Every bound is clipped to
+    ``num_embeddings`` (there cannot be more clusters than fitted embeddings).
+    """
+    num_speakers = _check_count("num_speakers", num_speakers)
+    min_speakers = _check_count("min_speakers", min_speakers)
+    max_speakers = _check_count("max_speakers", max_speakers)
+    if min_speakers is not None and max_speakers is not None and min_speakers > max_speakers:
+        raise ValueError(f"min_speakers={min_speakers} > max_speakers={max_speakers}")
+    if num_speakers is not None and not (
+        (min_speakers or 1) <= num_speakers <= (max_speakers or num_speakers)
+    ):
+        raise ValueError(
+            f"num_speakers={num_speakers} outside [min_speakers, max_speakers]="
+            f"[{min_speakers}, {max_speakers}]"
+        )
+    if num_speakers is None and min_speakers is not None and min_speakers == max_speakers:
+        num_speakers = min_speakers
+    cap = max(num_embeddings, 1)
+    max_clusters = min(max_speakers or cap, cap)
+    min_clusters = min(min_speakers or 1, max_clusters)
+    num_clusters = None if num_speakers is None else min(num_speakers, cap)
+    return ClusterBounds(num_clusters, min_clusters, max_clusters)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return x / norms
+
+
+def _first_appearance_order(labels: np.ndarray) -> np.ndarray:
+    """Map ``old label -> new label`` so that labels are numbered by first appearance.
+
+    ``labels`` is any int array (``< 0`` ignored); returns ``(max_label + 1,)`` int64 with -1
+    for labels that do not occur.
+    """
+    flat = labels.reshape(-1)
+    flat = flat[flat >= 0]
+    mapping = np.full(int(flat.max()) + 1 if flat.size else 0, -1, dtype=np.int64)
+    _, first_index = np.unique(flat, return_index=True)
+    for new, old in enumerate(flat[np.sort(first_index)]):
+        mapping[old] = new
+    return mapping
+
+
+def _relabel(labels: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    out = labels.copy()
+    valid = labels >= 0
+    out[valid] = mapping[labels[valid]]
+    return out
+
+
+def constrained_assignment(
+    embeddings: np.ndarray,
+    centroids: np.ndarray,
+    assignable: np.ndarray | None = None,
+    initial: np.ndarray | None = None,
+) -> np.ndarray:
+    """Assign local speakers to clusters, at most one slot per cluster within a chunk.
+
+    ``embeddings (num_chunks, L, D)``, ``centroids (K, D)``, ``assignable (num_chunks, L)``
+    bool (default: finite, non-zero rows) -> ``(num_chunks, L)`` int8 with ``-2`` for
+    unassigned slots. Per chunk, a Hungarian matching (``linear_sum_assignment``) maximises
+    the summed cosine similarity. Slots with a label ``>= 0`` in ``initial (num_chunks, L)``
+    keep it (their clusters are then unavailable to the other slots of that chunk; labels in
+    ``initial`` must not collide within a chunk). If a chunk has more assignable slots than
+    free clusters, the least similar slots stay ``-2``.
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    num_chunks, num_slots, _ = embeddings.shape
+    centroids = np.asarray(centroids, dtype=np.float64)
+    num_clusters = centroids.shape[0]
+    if num_clusters > _MAX_INT8_CLUSTERS:
+        raise ValueError(f"{num_clusters} clusters do not fit in int8 hard_clusters")
+    unit = _unit_rows(embeddings)
+    if assignable is None:
+        assignable = np.all(np.isfinite(unit), axis=-1)
+    hard = np.full((num_chunks, num_slots), UNASSIGNED, dtype=np.int8)
+    if initial is not None:
+        keep = (np.asarray(initial) >= 0) & assignable
+        hard[keep] = np.asarray(initial)[keep]
+    if num_clusters == 0:
+        return hard
+    similarity = np.einsum("csd,kd->csk", np.nan_to_num(unit), _unit_rows(centroids))
+    for c in range(num_chunks):
+        todo = np.flatnonzero(assignable[c] & (hard[c] < 0))
+        if todo.size == 0:
+            continue
+        free = np.setdiff1d(np.arange(num_clusters), hard[c][hard[c] >= 0])
+        if free.size == 0:
+            continue
+        rows, cols = linear_sum_assignment(similarity[c][np.ix_(todo, free)], maximize=True)
+        hard[c, todo[rows]] = free[cols]
+    return hard
+
+
+class BaseClustering(ABC):
+    """Template: filter -> cluster -> constrained assignment (see module docstring).
+
+    ``min_active_ratio``: when ``segmentations`` are given, a slot is used for *fitting* only
+    if it has at least ``min_active_ratio * num_frames`` single-speaker frames (if no slot
+    qualifies, all assignable slots are used).
+    """
+
+    def __init__(self, *, min_active_ratio: float = 0.2) -> None:
+        if not 0.0 <= min_active_ratio <= 1.0:
+            raise ValueError(f"min_active_ratio must be in [0, 1], got {min_active_ratio}")
+        self.min_active_ratio = float(min_active_ratio)
+
+    def __call__(
+        self,
+        embeddings: np.ndarray,
+        segmentations: np.ndarray | None = None,
+        *,
+        num_speakers: int | None = None,
+        min_speakers: int | None = None,
+        max_speakers: int | None = None,
+    ) -> ClusteringResult:
+        """Cluster ``embeddings (num_chunks, L, D)``; see the module docstring for contracts."""
+        embeddings = np.asarray(embeddings, dtype=np.float64)
+        if embeddings.ndim != 3:
+            raise ValueError(
+                "embeddings must be (num_chunks, num_local_speakers, dimension), "
+                f"got shape {embeddings.shape}"
+            )
+        num_chunks, num_slots, dimension = embeddings.shape
+        assignable, fitting = self.filter_embeddings(embeddings, segmentations)
+        unit = _unit_rows(embeddings)
+        unit[~assignable] = np.nan
+        bounds = resolve_cluster_bounds(
+            int(fitting.sum()), num_speakers, min_speakers, max_speakers
+        )
+        if not fitting.any():
+            return ClusteringResult(
+                np.full((num_chunks, num_slots), UNASSIGNED, dtype=np.int8),
+                np.zeros((0, dimension), dtype=np.float32),
+            )
+        fit = self.cluster(unit, fitting, bounds)
+        if fit.centroids.shape[0] > _MAX_INT8_CLUSTERS:
+            raise ValueError(
+                f"{fit.centroids.shape[0]} clusters exceed the int8 hard_clusters range; "
+                "raise the threshold or set max_speakers"
+            )
+        hard = self.assign(unit, assignable, fit)
+        return ClusteringResult(hard, _unit_rows(fit.centroids).astype(np.float32))
+
+    def filter_embeddings(
+        self, embeddings: np.ndarray, segmentations: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(assignable, fitting)``, both ``(num_chunks, L)`` bool, ``fitting ⊆ assignable``."""
+        finite = np.all(np.isfinite(embeddings), axis=-1)
+        with np.errstate(invalid="ignore"):
+            assignable = finite & (np.linalg.norm(np.nan_to_num(embeddings), axis=-1) > 0)
+        fitting = assignable.copy()
+        if segmentations is not None:
+            segmentations = np.asarray(segmentations)
+            if segmentations.ndim != 3 or (
+                segmentations.shape[0],
+                segmentations.shape[2],
+            ) != embeddings.shape[:2]:
+                raise ValueError(
+                    f"segmentations {segmentations.shape} do not match embeddings "
+                    f"{embeddings.shape} (expected (num_chunks, num_frames, L))"
+                )
+            active = segmentations > 0
+            assignable &= np.any(active, axis=1)
+            single = np.sum(active, axis=-1, keepdims=True) == 1
+            num_clean_frames = np.sum(active & single, axis=1)
+            fitting = assignable & (
+                num_clean_frames >= self.min_active_ratio * segmentations.shape[1]
+            )
+            if not fitting.any():
+                fitting = assignable.copy()
+        return assignable, fitting
+
+    @abstractmethod
+    def cluster(
+        self, embeddings: np.ndarray, fitting: np.ndarray, bounds: ClusterBounds
+    ) -> ClusterFit:
+        """Fit clusters on the unit-norm ``embeddings (num_chunks, L, D)`` where ``fitting``."""
+
+    def assign(
+        self, embeddings: np.ndarray, assignable: np.ndarray, fit: ClusterFit
+    ) -> np.ndarray:
+        """Constrained assignment of every assignable slot to ``fit.centroids`` (int8)."""
+        return constrained_assignment(embeddings, fit.centroids, assignable)
+
+
+class AgglomerativeClustering(BaseClustering):
+    """Offline AHC with centroid linkage on L2-normalised embeddings (pyannote-style).
+
+    ``threshold`` is a *euclidean* distance between (means of) unit vectors. For two unit
+    vectors ``d = sqrt(2 - 2 cos)``, i.e. ``cos = 1 - d**2 / 2``: the default 0.7045654963945799
+    (pyannote 3.1) corresponds to cosine similarity ~0.752 (cosine distance ~0.248) between
+    singletons. Centroid linkage compares cluster *means*, whose norm shrinks below 1 as a
+    cluster spreads, so for merged clusters the threshold is looser than that cosine value.
+
+    Without a forced count, the dendrogram is cut at ``threshold``; clusters with fewer than
+    ``min_cluster_size`` members (reduced to ``max(1, round(0.1 * num_embeddings))`` on small
+    inputs, like pyannote) are "small"; if the number of *large* clusters falls outside
+    ``[min_speakers, max_speakers]`` the count is clipped and treated as forced. A forced count
+    ``k`` cuts the dendrogram after a prefix of its merges chosen so that exactly ``k`` large
+    clusters remain (closest such cut to the threshold cut; if no prefix gives ``k`` large
+    clusters, exactly ``k`` clusters counting every cluster as large). Small clusters are then
+    merged into the large cluster with the most similar centroid. Result: exactly ``k``
+    clusters whenever ``k <= num_embeddings``.
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.7045654963945799,
+        min_cluster_size: int = 12,
+        *,
+        min_active_ratio: float = 0.2,
+    ) -> None:
+        super().__init__(min_active_ratio=min_active_ratio)
+        if threshold <= 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        if min_cluster_size < 1:
+            raise ValueError(f"min_cluster_size must be >= 1, got {min_cluster_size}")
+        self.threshold = float(threshold)
+        self.min_cluster_size = int(min_cluster_size)
+
+    def cluster(
+        self, embeddings: np.ndarray, fitting: np.ndarray, bounds: ClusterBounds
+    ) -> ClusterFit:
+        chunk_index, slot_index = np.nonzero(fitting)
+        x = embeddings[chunk_index, slot_index]  # (num_embeddings, D), unit norm
+        flat = self.cluster_vectors(x, bounds)
+        mapping = _first_appearance_order(flat)
+        flat = mapping[flat]
+        num_clusters = int(flat.max()) + 1
+        centroids = np.stack([x[flat == k].mean(axis=0) for k in range(num_clusters)])
+        labels = np.full(fitting.shape, UNASSIGNED, dtype=np.int64)
+        labels[chunk_index, slot_index] = flat
+        return ClusterFit(_unit_rows(centroids), labels)
+
+    def cluster_vectors(self, x: np.ndarray, bounds: ClusterBounds) -> np.ndarray:
+        """Flat AHC labels ``(num_embeddings,)`` int64 of unit vectors ``x (num_embeddings, D)``."""
+        num_embeddings = x.shape[0]
+        if num_embeddings == 1:
+            return np.zeros(1, dtype=np.int64)
+        min_size = min(self.min_cluster_size, max(1, int(round(0.1 * num_embeddings))))
+        dendrogram = linkage(x, method="centroid", metric="euclidean")
+
+        labels = fcluster(dendrogram, self.threshold, criterion="distance") - 1
+        target = bounds.num_clusters
+        if target is None:
+            num_large = int(np.sum(np.bincount(labels) >= min_size))
+            if num_large < bounds.min_clusters:
+                target = bounds.min_clusters
+            elif num_large > bounds.max_clusters:
+                target = bounds.max_clusters
+        if target is not None:
+            labels, min_size = self._cut_to_num_large(dendrogram, target, min_size)
+        return self._absorb_small_clusters(x, labels, min_size)
+
+    def _cut_to_num_large(
+        self, dendrogram: np.ndarray, target: int, min_size: int
+    ) -> tuple[np.ndarray, int]:
+        """Labels after the best prefix of merges for ``target`` large clusters.
+
+        Returns ``(labels (num_embeddings,), min_size actually used)``.
+        """
+        num_embeddings = dendrogram.shape[0] + 1
+        sizes = np.concatenate([np.ones(num_embeddings), dendrogram[:, 3]])
+        # num_large[m]: number of large clusters after applying the first m merges.
+        is_large = sizes >= min_size
+        children = dendrogram[:, :2].astype(np.int64)
+        delta = is_large[num_embeddings:].astype(np.int64) - is_large[children].sum(axis=1)
+        num_large = np.concatenate([[int(is_large[:num_embeddings].sum())], delta]).cumsum()
+        # number of merges of the threshold cut (exact when the dendrogram is monotonic)
+        threshold_merges = int(np.sum(dendrogram[:, 2] <= self.threshold))
+        candidates = np.flatnonzero(num_large == target)
+        if candidates.size == 0:
+            # target unreachable with this min_size: every cluster counts as large.
+            min_size = 1
+            num_merges = num_embeddings - target
+        else:
+            distance = np.abs(candidates - threshold_merges)
+            # closest to the threshold cut; ties -> more merges (fewer small clusters)
+            num_merges = int(candidates[np.lexsort((-candidates, distance))[0]])
+        return _apply_merges(dendrogram, num_merges), min_size
+
+    @staticmethod
+    def _absorb_small_clusters(x: np.ndarray, labels: np.ndarray, min_size: int) -> np.ndarray:
+        """Merge clusters smaller than ``min_size`` into the most similar large cluster."""
+        unique, labels = np.unique(labels, return_inverse=True)
+        counts = np.bincount(labels)
+        large = np.flatnonzero(counts >= min_size)
+        small = np.flatnonzero(counts < min_size)
+        if small.size == 0:
+            return labels
+        if large.size == 0:
+            return np.zeros_like(labels)
+        centroids = _unit_rows(np.stack([x[labels == k].mean(axis=0) for k in range(unique.size)]))
+        similarity = centroids[small] @ centroids[large].T
+        target = large[np.argmax(similarity, axis=1)]
+        remap = np.arange(unique.size)
+        remap[small] = target
+        _, labels = np.unique(remap[labels], return_inverse=True)
+        return labels
+
+
+def _apply_merges(dendrogram: np.ndarray, num_merges: int) -> np.ndarray:
+    """Flat labels ``(num_embeddings,)`` after the first ``num_merges`` rows of a linkage."""
+    num_embeddings = dendrogram.shape[0] + 1
+    parent = np.full(2 * num_embeddings - 1, -1, dtype=np.int64)
+    for i in range(num_merges):
+        a, b = int(dendrogram[i, 0]), int(dendrogram[i, 1])
+        parent[a] = parent[b] = num_embeddings + i
+    root = np.arange(2 * num_embeddings - 1)
+    # parents always have larger ids than their children: resolve top-down
+    for node in range(2 * num_embeddings - 2, -1, -1):
+        if parent[node] >= 0:
+            root[node] = root[parent[node]]
+    _, labels = np.unique(root[:num_embeddings], return_inverse=True)
+    return labels
+
+
+class OnlineEMAClustering(BaseClustering):
+    """Online speaker tracking with EMA-updated centroids ("enhanced post-embedding").
+
+    Chunks are processed in index (= time) order. Per chunk, the fitting slots are matched to
+    the current centroids by a Hungarian matching on cosine similarity:
+
+    * a match with cosine similarity ``>= 1 - threshold`` (``threshold`` is a cosine
+      *distance*) keeps that speaker and updates its centroid
+      ``c <- normalise((1 - a) c + a x)`` with ``a = max(ema_alpha, 1 / (n + 1))`` after ``n``
+      updates (running mean while young, EMA afterwards);
+    * otherwise a new speaker is opened, unless ``max_speakers`` are already open, in which
+      case the Hungarian match is accepted without updating the centroid (or the slot stays
+      unassigned if the chunk has more slots than speakers).
+
+    Afterwards, speakers with fewer than ``min_cluster_size`` members are merged into the most
+    similar larger one, and a forced ``num_speakers`` is met by repeatedly merging the two most
+    similar centroids (count-weighted). ``min_speakers`` cannot create speakers and is
+    ignored. Online labels are kept; only slots that did not take part in tracking (e.g. too
+    little clean speech) and chunks whose labels collide after a merge are (re)assigned
+    against the final centroids by the constrained assignment.
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.6,
+        ema_alpha: float = 0.1,
+        min_cluster_size: int = 1,
+        *,
+        min_active_ratio: float = 0.2,
+    ) -> None:
+        super().__init__(min_active_ratio=min_active_ratio)
+        if not 0.0 <= threshold <= 2.0:
+            raise ValueError(f"threshold (cosine distance) must be in [0, 2], got {threshold}")
+        if not 0.0 < ema_alpha <= 1.0:
+            raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
+        if min_cluster_size < 1:
+            raise ValueError(f"min_cluster_size must be >= 1, got {min_cluster_size}")
+        self.threshold = float(threshold)
+        self.ema_alpha = float(ema_alpha)
+        self.min_cluster_size = int(min_cluster_size)
+
+    def cluster(
+        self, embeddings: np.ndarray, fitting: np.ndarray, bounds: ClusterBounds
+    ) -> ClusterFit:
+        num_chunks, _, dimension = embeddings.shape
+        # max_speakers caps tracking; a forced num_speakers is applied by the final merge.
+        max_open = bounds.max_clusters
+        min_similarity = 1.0 - self.threshold
+        centroids = np.zeros((0, dimension))
+        num_updates = np.zeros(0, dtype=np.int64)
+        labels = np.full(fitting.shape, UNASSIGNED, dtype=np.int64)
+
+        for c in range(num_chunks):
+            slots = np.flatnonzero(fitting[c])
+            if slots.size == 0:
+                continue
+            x = embeddings[c, slots]
+            matched: dict[int, int] = {}
+            if centroids.shape[0]:
+                similarity = x @ centroids.T
+                rows, cols = linear_sum_assignment(similarity, maximize=True)
+                matched = {int(r): int(k) for r, k in zip(rows, cols)}
+            else:
+                similarity = np.zeros((slots.size, 0))
+            updates: list[tuple[int, int]] = []
+            for r in range(slots.size):
+                k = matched.get(r)
+                if k is not None and similarity[r, k] >= min_similarity:
+                    labels[c, slots[r]] = k
+                    updates.append((k, r))
+                elif centroids.shape[0] < max_open:
+                    labels[c, slots[r]] = centroids.shape[0]
+                    centroids = np.vstack([centroids, x[r]])
+                    num_updates = np.append(num_updates, 1)
+                elif k is not None:
+                    labels[c, slots[r]] = k  # forced match, centroid left untouched
+            for k, r in updates:
+                alpha = max(self.ema_alpha, 1.0 / (num_updates[k] + 1))
+                centroids[k] = _unit_rows((1.0 - alpha) * centroids[k] + alpha * x[r])
+                num_updates[k] += 1
+
+        centroids, labels = self._merge(centroids, labels, bounds.num_clusters)
+        mapping = _first_appearance_order(labels)
+        present = np.flatnonzero(mapping >= 0)
+        keep = present[np.argsort(mapping[present])]  # old ids in new order
+        return ClusterFit(centroids[keep], _relabel(labels, mapping))
+
+    def _merge(
+        self, centroids: np.ndarray, labels: np.ndarray, num_clusters: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Absorb small speakers, then merge the closest pairs down to ``num_clusters``."""
+        centroids = centroids.copy()
+        labels = labels.copy()
+        alive = list(range(centroids.shape[0]))
+        target = num_clusters or 1
+
+        def members(k: int) -> int:
+            return int(np.sum(labels == k))
+
+        def merge(src: int, dst: int) -> None:
+            n_src, n_dst = members(src), members(dst)
+            merged = n_dst * centroids[dst] + n_src * centroids[src]
+            if np.linalg.norm(merged) > 0:
+                centroids[dst] = _unit_rows(merged)
+            labels[labels == src] = dst
+            alive.remove(src)
+
+        # 1) small speakers -> most similar large speaker (smallest first), never below target
+        large = [k for k in alive if members(k) >= self.min_cluster_size]
+        if large:
+            for k in sorted(
+                (k for k in alive if members(k) < self.min_cluster_size), key=members
+            ):
+                if len(alive) <= target:
+                    break
+                merge(k, large[int(np.argmax(centroids[large] @ centroids[k]))])
+        # 2) forced count: merge the two most similar centroids, smaller into larger
+        if num_clusters is not None:
+            while len(alive) > num_clusters:
+                sub = centroids[alive]
+                similarity = sub @ sub.T
+                similarity[np.tril_indices(len(alive))] = -np.inf
+                i, j = np.unravel_index(int(np.argmax(similarity)), similarity.shape)
+                a, b = alive[i], alive[j]
+                src, dst = (a, b) if members(a) < members(b) else (b, a)
+                merge(src, dst)
+        return centroids, labels
+
+    def assign(
+        self, embeddings: np.ndarray, assignable: np.ndarray, fit: ClusterFit
+    ) -> np.ndarray:
+        initial = fit.labels.copy()
+        for c in range(initial.shape[0]):
+            used = initial[c][initial[c] >= 0]
+            if used.size != np.unique(used).size:
+                initial[c] = UNASSIGNED  # collision after a merge: redo this chunk
+        return constrained_assignment(embeddings, fit.centroids, assignable, initial=initial)
+
+
+#: Registry of clustering variants by config name.
+CLUSTERING: dict[str, type[BaseClustering]] = {
+    "ahc": AgglomerativeClustering,
+    "online_ema": OnlineEMAClustering,
+}
+
+
+def get_clustering(name: str, **params: Any) -> BaseClustering:
+    """Instantiate the clustering variant ``name`` with ``params`` (constructor kwargs)."""
+    try:
+        cls = CLUSTERING[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown clustering {name!r}; valid names: {sorted(CLUSTERING)}"
+        ) from None
+    return cls(**params)
