@@ -70,6 +70,7 @@ __all__ = [
     "list_audio_files",
     "load_dataset",
     "make_synthetic_conversation",
+    "synthetic_file_seed",
     "trim_silence",
 ]
 
@@ -172,7 +173,9 @@ def _merge_by_uri(
     for path, by_uri in loaded:
         for uri, value in by_uri.items():
             if uri in merged:
-                raise DataError(f"{what} of uri {uri!r} is defined in both {source_of[uri]} and {path}")
+                raise DataError(
+                    f"{what} of uri {uri!r} is defined in both {source_of[uri]} and {path}"
+                )
             merged[uri] = value
             source_of[uri] = path
     return merged, source_of
@@ -228,7 +231,9 @@ def _sample_item(sample_dir: Path) -> DatasetItem:
     return DatasetItem(SAMPLE_URI, audio_path, reference, None)
 
 
-def load_ami_mini(ami_dir: str | Path | None = None, sample_dir: str | Path | None = None) -> Dataset:
+def load_ami_mini(
+    ami_dir: str | Path | None = None, sample_dir: str | Path | None = None
+) -> Dataset:
     """``ami_mini``: 10 fully annotated AMI debug clips + ``sample`` (see module docstring)."""
     ami = Path(ami_dir) if ami_dir is not None else _asset_dir("ami")
     sample = Path(sample_dir) if sample_dir is not None else _asset_dir("sample")
@@ -289,13 +294,14 @@ def load_folder_dataset(
         uem_files = _files_of(Path(uem_dir), ".uem", "UEM")
         uems, uem_of = _merge_by_uri([(p, load_uem(p)) for p in uem_files], "UEM")
 
+    extensions = ",".join(extension[1:] for extension in AUDIO_EXTENSIONS)
     for kind, source_of in (("reference", rttm_of), ("UEM", uem_of)):
         orphans = sorted(set(source_of) - set(audio_of))
         if orphans:
+            more = f" (and {len(orphans) - 1} more: {orphans[1:6]})" if len(orphans) > 1 else ""
             raise DataError(
                 f"{source_of[orphans[0]]}: {kind} uri {orphans[0]!r} has no audio file "
-                f"{audio_dir}/{orphans[0]}.{{{','.join(e[1:] for e in AUDIO_EXTENSIONS)}}}"
-                + (f" (and {len(orphans) - 1} more uri(s): {orphans[1:6]})" if len(orphans) > 1 else "")
+                f"{audio_dir}/{orphans[0]}.{{{extensions}}}{more}"
             )
     items = []
     for uri, audio_path in audio_of.items():
@@ -526,7 +532,9 @@ def make_synthetic_conversation(
     while True:
         candidates = [name for name in queues if name != previous_speaker] or list(queues)
         weights = np.array([1.0 / (1.0 + spoken[name] / sample_rate_hz) for name in candidates])
-        permutation = rng.choice(len(candidates), len(candidates), replace=False, p=weights / weights.sum())
+        permutation = rng.choice(
+            len(candidates), len(candidates), replace=False, p=weights / weights.sum()
+        )
         order = [candidates[i] for i in permutation]
         placed = False
         for speaker in order:
@@ -572,11 +580,17 @@ def make_synthetic_conversation(
     reference = Annotation()
     for speaker, start, samples in placements:
         mixture[start : start + len(samples)] += samples
-        reference[Segment(start / sample_rate_hz, (start + len(samples)) / sample_rate_hz)] = speaker
+        end = start + len(samples)
+        reference[Segment(start / sample_rate_hz, end / sample_rate_hz)] = speaker
     peak = np.abs(mixture).max()
     if peak > _PEAK_MAX:
         mixture *= _PEAK_MAX / peak
     return mixture.astype(np.float32), reference
+
+
+def synthetic_file_seed(seed: int, index: int) -> int:
+    """Seed of file ``index`` of a synthetic dataset: independent streams per file."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def _synthetic_cache_key(parameters: dict, speaker_dirs: list[Path]) -> str:
@@ -584,7 +598,8 @@ def _synthetic_cache_key(parameters: dict, speaker_dirs: list[Path]) -> str:
         [d.name, [[p.name, p.stat().st_size] for p in list_audio_files(d)]] for d in speaker_dirs
     ]
     payload = json.dumps(
-        {"version": _SYNTHETIC_VERSION, "parameters": parameters, "sources": sources}, sort_keys=True
+        {"version": _SYNTHETIC_VERSION, "parameters": parameters, "sources": sources},
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -603,7 +618,7 @@ def load_synthetic_dataset(
 
     Files go to ``cache_dir/synthetic_{key}/`` where ``key`` hashes the parameters, the generator
     version and the source file names and sizes; an existing directory is reused as is. File
-    ``i`` uses the seed ``SeedSequence([seed, i])``; its uri is ``synthetic_{key}_{i:03d}`` and
+    ``i`` uses the seed :func:`synthetic_file_seed` ``(seed, i)``; its uri is ``synthetic_{key}_{i:03d}`` and
     its UEM is ``[0, duration_s]``.
     """
     if num_files < 1:
@@ -626,7 +641,7 @@ def load_synthetic_dataset(
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".synthetic_{key}.", dir=cache_dir))
         try:
             for index, uri in enumerate(uris):
-                file_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+                file_seed = synthetic_file_seed(seed, index)
                 waveform, reference = make_synthetic_conversation(
                     speaker_dirs, duration_s, num_speakers, overlap_ratio, file_seed, sample_rate_hz
                 )
@@ -676,7 +691,9 @@ def load_dataset(name: str, **options) -> Dataset:
     try:
         loader = _LOADERS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}") from None
+        raise ValueError(
+            f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}"
+        ) from None
     try:
         inspect.signature(loader).bind(**options)
     except TypeError as error:

@@ -1,0 +1,1 @@
+"""Execution backends: one module each (torch, onnxruntime, coreml), one surface (``base``)."""

@@ -1,0 +1,172 @@
+"""The Core ML backend: convert and inspect anywhere; compile, load and predict on macOS only.
+
+On Linux, coremltools converts, compresses, saves and reads ``.mlpackage`` files, but compiling to
+``.mlmodelc`` and prediction need Apple's Core ML framework: every such call raises
+``BackendUnavailable`` with that reason, after the inputs it would feed have been checked against the
+saved spec (so the macOS path is exercised up to the call).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from diaropt.backends.base import BackendUnavailable, TensorSpec, is_macos
+
+COMPUTE_UNITS = {"cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE", "all": "ALL"}
+NEEDS_MACOS = ("Core ML {what} needs macOS: coremltools converts and inspects models on this host, "
+               "but compilation and prediction need Apple's Core ML framework")
+_ARRAY_DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}
+
+
+def convert_coreml(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
+                   outputs: list[TensorSpec], path: Path, precision: str = "fp32",
+                   minimum_deployment_target: str = "macOS13", **convert_kwargs: object):
+    """Trace ``module`` and convert it to an ML program saved at ``path`` (fixed shapes).
+
+    Returns the ``MLModel`` (not loaded for prediction on Linux).
+    """
+    import coremltools as ct
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module.eval(), example_inputs)
+    compute_precision = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[precision]
+    model = ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type) for s in inputs],
+        outputs=[ct.TensorType(name=s.name) for s in outputs],
+        convert_to="mlprogram",
+        minimum_deployment_target=getattr(ct.target, minimum_deployment_target),
+        compute_precision=compute_precision,
+        skip_model_load=True,
+        **convert_kwargs,
+    )
+    save_mlpackage(model, path)
+    return model
+
+
+def save_mlpackage(model, path: Path) -> Path:
+    """Save atomically: a half-written package is never left under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # coremltools insists on the .mlpackage suffix
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def load_spec(path: Path):
+    """The protobuf spec of a saved ``.mlpackage`` (readable on any OS)."""
+    import coremltools as ct
+
+    return ct.utils.load_spec(str(path))
+
+
+def _operations(block) -> list:
+    found = []
+    for op in block.operations:
+        found.append(op)
+        for nested in op.blocks:
+            found.extend(_operations(nested))
+    return found
+
+
+def op_histogram(path: Path, include_const: bool = False) -> dict[str, int]:
+    """Op type -> count for a saved ``.mlpackage`` (from its spec) or a compiled ``.mlmodelc``
+    (from its ``model.mil`` text). Consts are left out unless asked for."""
+    path = Path(path)
+    counts: collections.Counter[str] = collections.Counter()
+    if path.suffix == ".mlmodelc":
+        text = (path / "model.mil").read_text()
+        counts.update(re.findall(r"=\s*([a-z_0-9]+)\s*\(", text))
+    else:
+        spec = load_spec(path)
+        for function in spec.mlProgram.functions.values():
+            for block in function.block_specializations.values():
+                counts.update(op.type for op in _operations(block))
+    if not include_const:
+        counts.pop("const", None)
+    return dict(sorted(counts.items()))
+
+
+def io_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) declared by a saved ``.mlpackage``: names, shapes, dtypes."""
+    description = load_spec(path).description
+
+    def specs(features) -> list[TensorSpec]:
+        return [TensorSpec(f.name, tuple(f.type.multiArrayType.shape),
+                           _ARRAY_DTYPES.get(f.type.multiArrayType.dataType, str(f.type.multiArrayType.dataType)))
+                for f in features]
+
+    return specs(description.input), specs(description.output)
+
+
+def package_size_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class CoreMLModel:
+    """A saved ``.mlpackage``, compiled and loaded with a compute unit on macOS.
+
+    ``compile_s`` holds the measured compilation time (the design note's "Model Compilation").
+    """
+
+    def __init__(self, path: Path, compute_unit: str = "all") -> None:
+        if compute_unit not in COMPUTE_UNITS:
+            raise ValueError(f"unknown compute_unit {compute_unit!r}; expected one of {sorted(COMPUTE_UNITS)}")
+        self.path = Path(path)
+        self.compute_unit = compute_unit
+        self.inputs, self.outputs = io_specs(self.path)
+        self.compile_s: float | None = None
+        self._model = None
+
+    def load(self) -> None:
+        """Compile to ``.mlmodelc`` (timed) and load with the compute unit; macOS only."""
+        if not is_macos():
+            raise BackendUnavailable(NEEDS_MACOS.format(what="compilation"))
+        import coremltools as ct
+
+        start = time.perf_counter()
+        compiled = ct.models.utils.compile_model(str(self.path))
+        self.compile_s = time.perf_counter() - start
+        self._model = ct.models.CompiledMLModel(compiled, getattr(ct.ComputeUnit, COMPUTE_UNITS[self.compute_unit]))
+
+    def prepare_feeds(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """The inputs as Core ML takes them; a name, shape or dtype the spec does not declare fails here."""
+        feeds = {}
+        for spec in self.inputs:
+            if spec.name not in inputs:
+                raise ValueError(f"{self.path.name}: missing input {spec.name!r}; expects {[s.name for s in self.inputs]}")
+            value = np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype)
+            if value.shape != spec.shape:
+                raise ValueError(f"{self.path.name}: input {spec.name!r} has shape {value.shape}, "
+                                 f"the model declares {spec.shape}")
+            feeds[spec.name] = value
+        extra = set(inputs) - {spec.name for spec in self.inputs}
+        if extra:
+            raise ValueError(f"{self.path.name}: unexpected inputs {sorted(extra)}")
+        return feeds
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = self.prepare_feeds(**inputs)
+        if not is_macos():
+            raise BackendUnavailable(NEEDS_MACOS.format(what="prediction"))
+        if self._model is None:
+            self.load()
+        result = self._model.predict(feeds)
+        return {spec.name: np.asarray(result[spec.name], dtype=np.float32) for spec in self.outputs}
+
+    def sync(self) -> None:
+        """``predict`` is synchronous."""

@@ -1,0 +1,110 @@
+"""The ONNX Runtime backend: export from torch, run on CPU / CUDA / the Core ML execution provider."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from diaropt.backends.base import BackendUnavailable, TensorSpec, is_macos
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+# Core ML EP compute units, by diaropt's compute_unit names.
+COREML_EP_UNITS = {"cpu_only": "CPUOnly", "cpu_and_gpu": "CPUAndGPU", "cpu_and_ne": "CPUAndNeuralEngine", "all": "ALL"}
+
+
+def export_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
+                outputs: list[TensorSpec], path: Path, dynamic_batch: bool = True) -> Path:
+    """Export ``module`` (traced with the TorchScript exporter) to ``path``; batch axis dynamic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [spec.name for spec in inputs + outputs]
+    dynamic_axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about static shapes are intended
+        torch.onnx.export(module.eval(), example_inputs, str(path), input_names=[s.name for s in inputs],
+                          output_names=[s.name for s in outputs], dynamic_axes=dynamic_axes, opset_version=OPSET,
+                          dynamo=False)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def op_histogram(path: Path) -> dict[str, int]:
+    """Count of each ONNX node type in the main graph."""
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def data_slice_count(path: Path) -> int:
+    """Slice nodes that cut tensors, leaving out shape arithmetic (Slice of a Shape output) that the
+    exporter emits for dynamic batch sizes."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shape_outputs = {out for node in graph.node if node.op_type == "Shape" for out in node.output}
+    return sum(1 for node in graph.node if node.op_type == "Slice" and node.input[0] not in shape_outputs)
+
+
+def providers_for(compute_unit: str) -> list:
+    """Execution providers for a compute unit, or ``BackendUnavailable`` if this host lacks them.
+
+    cpu_only -> CPU; cpu_and_gpu -> CUDA (or the Core ML EP on macOS); cpu_and_ne / all -> the Core
+    ML EP (macOS only). Never a silent fallback to CPU.
+    """
+    available = ort.get_available_providers()
+    if compute_unit == "cpu_only":
+        return ["CPUExecutionProvider"]
+    if compute_unit not in COREML_EP_UNITS:
+        raise ValueError(f"unknown compute_unit {compute_unit!r}; expected one of {sorted(COREML_EP_UNITS)}")
+    if is_macos() and "CoreMLExecutionProvider" in available:
+        options = {"MLComputeUnits": COREML_EP_UNITS[compute_unit], "ModelFormat": "MLProgram"}
+        return [("CoreMLExecutionProvider", options), "CPUExecutionProvider"]
+    if compute_unit == "cpu_and_gpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise BackendUnavailable(
+        f"onnxruntime compute_unit {compute_unit} needs the Core ML execution provider (macOS) "
+        f"or, for cpu_and_gpu, CUDA; this host offers {available}")
+
+
+class OnnxRuntimeModel:
+    """An ``InferenceSession`` with named numpy inputs/outputs.
+
+    ``num_threads`` fixes intra-op threads (0: ONNX Runtime's default), since thread count is part of
+    every measurement.
+    """
+
+    def __init__(self, path: Path, compute_unit: str = "cpu_only", num_threads: int = 0,
+                 optimization_level: str = "all") -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimization_level]
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=providers_for(compute_unit))
+        self.inputs = [TensorSpec(i.name, tuple(i.shape), _dtype(i.type)) for i in self.session.get_inputs()]
+        self.outputs = [TensorSpec(o.name, tuple(o.shape), _dtype(o.type)) for o in self.session.get_outputs()]
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {spec.name: np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype) for spec in self.inputs}
+        values = self.session.run(None, feeds)
+        return {spec.name: value for spec, value in zip(self.outputs, values)}
+
+    def sync(self) -> None:
+        """``run`` is synchronous."""
+
+
+def _dtype(onnx_type: str) -> str:
+    return {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+            "tensor(int32)": "int32"}.get(onnx_type, onnx_type)
