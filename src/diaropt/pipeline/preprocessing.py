@@ -26,6 +26,8 @@ from typing import Protocol
 import numpy as np
 from pyannote.core import SlidingWindow
 
+from diaropt.models.segmentation import SEGMENTATION_FRAMES as _MODEL_FRAMES
+
 __all__ = [
     "POWERSET_MAPPING",
     "SEGMENTATION_FRAMES",
@@ -57,8 +59,9 @@ POWERSET_MAPPING: np.ndarray = np.array(
 )
 POWERSET_MAPPING.setflags(write=False)
 
-#: Frame timing of segmentation-3.0 relative to the chunk start (seconds).
-SEGMENTATION_FRAMES = SlidingWindow(start=0.0, duration=0.0619375, step=0.016875)
+#: Frame timing of segmentation-3.0 relative to the chunk start (seconds), from the model.
+SEGMENTATION_FRAMES = SlidingWindow(start=_MODEL_FRAMES.start_s, duration=_MODEL_FRAMES.duration_s,
+                                    step=_MODEL_FRAMES.step_s)
 
 
 class FrameWindow(Protocol):

@@ -1,0 +1,175 @@
+"""Run one configuration end to end: build and load models, diarize a dataset, score, time.
+
+Shared by the CLI (``python -m diaropt diarize``) and the sweep (``experiments/sweep.py``), so both
+accept the same configuration overrides and produce the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from pyannote.core import Segment, Timeline
+from tqdm.auto import tqdm
+
+from diaropt.data.annotations import write_rttm
+from diaropt.data.datasets import Dataset, DatasetItem, load_dataset
+from diaropt.metrics import DiarizationScorer
+from diaropt.pipeline.audio import SAMPLE_RATE_HZ, load_audio
+from diaropt.pipeline.clustering import get_clustering
+from diaropt.pipeline.diarization import DiarizationOutput, DiarizationPipeline, PipelineParams
+from diaropt.pipeline.timing import STAGES, StageTimer
+from diaropt.variants.build import BuiltModels, _value
+
+log = logging.getLogger(__name__)
+
+
+def dataset_from_config(cfg: DictConfig, cache_dir: Path | None = None) -> Dataset:
+    """The configured dataset (``dataset.name`` plus its options)."""
+    from diaropt.assets import default_cache_dir
+
+    d = cfg.dataset
+    if d.name == "folder":
+        options = dict(audio_dir=d.audio_dir, rttm_dir=d.rttm_dir, uem_dir=d.uem_dir)
+    elif d.name == "synthetic":
+        cache = Path(cache_dir or cfg.paths.cache_dir or default_cache_dir()) / "datasets"
+        options = dict(source_dir=d.source_dir, num_files=d.num_files, duration_s=d.duration_s,
+                       num_speakers=d.num_speakers, overlap_ratio=d.overlap_ratio, seed=d.seed, cache_dir=cache)
+    elif d.name == "protocol":
+        options = dict(protocol=d.protocol, subset=d.subset)
+    else:
+        options = {}
+    dataset = load_dataset(d.name, **options)
+    if d.max_files is not None:
+        dataset = Dataset(dataset.name, tuple(dataset.items)[: d.max_files])
+    return dataset
+
+
+def clustering_from_config(cfg: DictConfig):
+    c = cfg.clustering
+    method = _value(c.method)
+    if method == "ahc":
+        return get_clustering("ahc", threshold=c.threshold, min_cluster_size=c.min_cluster_size,
+                              min_active_ratio=c.min_active_ratio)
+    return get_clustering("online_ema", threshold=c.threshold, ema_alpha=c.ema_alpha,
+                          min_active_ratio=c.min_active_ratio)
+
+
+def params_from_config(cfg: DictConfig) -> PipelineParams:
+    return PipelineParams(
+        step_s=cfg.segmentation.step_s, segmentation_batch_size=cfg.segmentation.batch_size,
+        embedding_batch_size=cfg.embedding.batch_size, min_num_clean_frames=cfg.embedding.min_num_clean_frames,
+        num_speakers=cfg.clustering.num_speakers, min_speakers=cfg.clustering.min_speakers,
+        max_speakers=cfg.clustering.max_speakers, min_duration_on_s=cfg.postprocess.min_duration_on_s,
+        min_duration_off_s=cfg.postprocess.min_duration_off_s)
+
+
+class ChunkProgress:
+    """tqdm bars per stage (chunks segmented, speakers embedded), reused across files."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bars: dict[str, tqdm] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        bar = self.bars.get(stage)
+        if bar is None or bar.total != total or bar.n >= bar.total:
+            if bar is not None:
+                bar.close()
+            bar = self.bars[stage] = tqdm(total=total, desc=f"  {stage}", unit="chunk", leave=False)
+        bar.update(done)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def load_pipeline(cfg: DictConfig, built: BuiltModels, timer: StageTimer,
+                  progress: ChunkProgress | None = None) -> DiarizationPipeline:
+    """Load both models (timed as ``compile``: Core ML compilation, session creation) and warm up."""
+    with timer.stage("compile"):
+        segmentation_model = built.segmentation.load()
+        embedding_model = built.embedding.load()
+        for model in (segmentation_model, embedding_model):
+            load = getattr(model, "load", None)
+            if callable(load):  # Core ML: compile to .mlmodelc (raises off macOS)
+                load()
+    pipeline = DiarizationPipeline(segmentation_model, embedding_model, built.embedding_dim,
+                                   clustering_from_config(cfg), params_from_config(cfg), progress)
+    pipeline.warm_up(timer)
+    return pipeline
+
+
+def _crop_item(item: DatasetItem, audio: np.ndarray, max_duration_s: float | None):
+    """(audio, reference, uem) cropped to the first ``max_duration_s`` seconds."""
+    if max_duration_s is None or audio.shape[0] <= max_duration_s * SAMPLE_RATE_HZ:
+        return audio, item.reference, item.uem
+    window = Segment(0.0, max_duration_s)
+    uem = item.uem.crop(window) if item.uem is not None else Timeline([window], uri=item.uri)
+    return audio[: int(max_duration_s * SAMPLE_RATE_HZ)], item.reference.crop(window), uem
+
+
+@dataclass
+class DatasetResult:
+    rows: list[dict[str, Any]]  # one per file: uri, DER components, timings
+    aggregate: dict[str, float]  # DER over the dataset + timing statistics over repeats
+    outputs: dict[str, DiarizationOutput] = field(default_factory=dict)
+
+
+def run_dataset(pipeline: DiarizationPipeline, dataset: Dataset, rttm_dir: Path | None, compile_timer: StageTimer,
+                repeats: int = 1, max_duration_s: float | None = None, show_progress: bool = True,
+                keep_arrays: bool = False) -> DatasetResult:
+    """Diarize every file ``repeats`` times; score the last repeat; timing stats over repeats.
+
+    Per repeat, ``time_total_s`` = compile (once per job, counted in every repeat) + every stage of
+    every file; ``rtfx`` = audio seconds / that total. Median, min and max over repeats are reported
+    as ``<metric>`` (median), ``<metric>_min`` and ``<metric>_max``.
+    """
+    scorer = DiarizationScorer()
+    rows: list[dict[str, Any]] = []
+    outputs: dict[str, DiarizationOutput] = {}
+    per_repeat: list[dict[str, float]] = []
+    for repeat in range(repeats):
+        timer = StageTimer(pipeline.sync)
+        timer.merge(compile_timer)
+        audio_duration_s = 0.0
+        for item in tqdm(dataset, desc=f"files (repeat {repeat + 1}/{repeats})", unit="file",
+                         disable=not show_progress):
+            file_timer = StageTimer(pipeline.sync)
+            with file_timer.stage("audio"):  # decoding is part of the work
+                audio, reference, uem = _crop_item(item, load_audio(item.audio_path), max_duration_s)
+            output = pipeline(audio, item.uri, keep_arrays=keep_arrays, timer=file_timer)
+            timer.merge(file_timer)
+            audio_duration_s += output.audio_duration_s
+            if repeat == repeats - 1:
+                outputs[item.uri] = output
+                scores = scorer.add(item.uri, reference, output.annotation, uem)
+                rows.append({"uri": item.uri, "audio_duration_s": output.audio_duration_s,
+                             "num_chunks": output.num_chunks, "num_embedded": output.num_embedded,
+                             "num_speakers_hypothesis": output.num_clusters,
+                             "num_speakers_reference": len(reference.labels()),
+                             **scores, **file_timer.metrics(output.audio_duration_s)})
+                if rttm_dir is not None:
+                    rttm_dir.mkdir(parents=True, exist_ok=True)
+                    write_rttm(output.annotation, rttm_dir / f"{item.uri}.rttm", uri=item.uri)
+        per_repeat.append(timer.metrics(audio_duration_s))
+    aggregate: dict[str, float] = {k: float(v) for k, v in scorer.aggregate().items()}
+    for key in per_repeat[0]:
+        values = [metrics[key] for metrics in per_repeat]
+        aggregate[key] = float(statistics.median(values))
+        if key.startswith("time_") or key == "rtfx":
+            aggregate[f"{key}_min"] = float(min(values))
+            aggregate[f"{key}_max"] = float(max(values))
+    total = aggregate["time_total_s"]
+    for stage in STAGES:
+        aggregate[f"share_{stage}"] = aggregate[f"time_{stage}_s"] / total if total > 0 else float("nan")
+    aggregate["repeats"] = float(repeats)
+    aggregate["num_files"] = float(len(rows))
+    return DatasetResult(rows, aggregate, outputs)
