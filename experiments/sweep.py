@@ -1,0 +1,31 @@
+"""The study's main job: every configuration of the sweep axes on a real evaluation set, logged to MLflow.
+
+    python experiments/sweep.py                          # the default configuration on ami_mini
+    python experiments/sweep.py -m quant=fp16,int8       # one child run per value, under one parent
+    python experiments/sweep.py -m experiment=seed_baseline,seed_plan
+    mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1
+
+Axes and their options: conf/ (one group per axis); schema and validation: src/diaropt/config.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import hydra
+from omegaconf import DictConfig
+
+from diaropt.config import CONF_DIR, register_configs
+from diaropt.sweep import run_job
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    der = run_job(cfg)
+    return der if not math.isnan(der) else float("inf")  # a sweeper minimising DER never picks a failed job
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""One sweep job (one configuration) logged to MLflow, and the Hydra callback closing a multirun.
+
+A job never takes the sweep down: a failure ends its run FAILED, a configuration this host cannot
+run (Core ML execution off macOS, a missing GPU) ends it as *skipped* with the reason, and the job
+returns so the launcher goes on. Each job writes its outcome to ``<sweep dir>/.diaropt/<num>.json``;
+``SweepCallback.on_multirun_end`` reads them, summarises the parent run, prints one line with the
+counts and exits non-zero only if a job failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from diaropt.config import REPO_ROOT, to_container, validate
+
+log = logging.getLogger(__name__)
+
+STATUS_DIR = ".diaropt"
+#: The metrics the parent run's comparison table shows.
+SUMMARY_METRICS = ["der_pyannote", "der_fluidaudio", "jer_pyannote", "rtfx", "time_total_s", "time_compile_s",
+                   "time_segmentation_s", "time_embedding_s", "time_clustering_s", "time_postprocess_s",
+                   "embedding_coreml_slice_by_index_ops", "embedding_model_size_bytes", "peak_rss_bytes"]
+SUMMARY_PARAMS = ["backend.resolved", "frame_extraction.mode", "frame_extraction.batch_size", "quant.mode",
+                  "compute_unit.name", "embedding.name", "clustering.method", "segmentation.step_s"]
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the ``with`` body runs (sampled every 20 ms).
+
+    Job-local, unlike ``ru_maxrss``, which keeps the process-lifetime peak across sequential jobs.
+    """
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the lifetime peak is the best we have
+            scale = 1 if sys.platform == "darwin" else 1024
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak_bytes = self.current_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+
+
+def _hydra_context() -> dict[str, Any]:
+    """Run mode, sweep dir, job number, overrides and output dir of the current Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    return {"multirun": multirun, "sweep_dir": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None,
+            "job_num": int(hydra_cfg.job.num) if multirun else 0,
+            "overrides": list(hydra_cfg.overrides.task), "output_dir": Path(hydra_cfg.runtime.output_dir)}
+
+
+def _write_status(context: dict[str, Any], status: str, **details: Any) -> None:
+    if not context["multirun"]:
+        return
+    folder = Path(context["sweep_dir"]) / STATUS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"status": status, "job_num": context["job_num"], "overrides": context["overrides"], **details}
+    tmp = folder / f".{context['job_num']}.tmp"
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(folder / f"{context['job_num']}.json")
+
+
+def _axis_tags(cfg: DictConfig, backend: str) -> dict[str, str]:
+    container = to_container(cfg)
+    return {"backend": backend, "quant": container["quant"]["mode"],
+            "frame_extraction": container["frame_extraction"]["mode"],
+            "compute_unit": container["compute_unit"]["name"], "embedding": container["embedding"]["name"],
+            "clustering": container["clustering"]["method"], "dataset": container["dataset"]["name"],
+            "experiment_preset": str(container.get("experiment_preset"))}
+
+
+def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> float:
+    """Run one configuration, log it, and return its DER (collar 0) or NaN if it did not finish."""
+    from diaropt.backends.base import BackendUnavailable
+    from diaropt.tracking import Tracker, host_tags, install_sigterm_handler, resolve_tracking_uri
+    from diaropt.variants.build import _value, resolve_backend
+
+    validate(cfg)
+    context = context or _hydra_context()
+    output_dir = Path(cfg.paths.output_dir or context["output_dir"])
+    backend = resolve_backend(_value(cfg.backend.name))
+    if cfg.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    if not cfg.tracking.enabled:
+        return _run_untracked(cfg, context, output_dir)
+    tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT), cfg.tracking.experiment_name)
+    closed = tracker.close_stale_runs()
+    if closed:
+        log.warning("closed %d run(s) left RUNNING by a dead process", closed)
+    parent_id = None
+    if context["multirun"]:
+        parent_id = tracker.get_or_create_parent(context["sweep_id"] if "sweep_id" in context else context["sweep_dir"],
+                                                 {"diaropt.sweep_dir": context["sweep_dir"]})
+        if cfg.resume:
+            finished = tracker.find_finished_child(parent_id, context["overrides"])
+            if finished is not None:
+                log.info("resume: job %s already finished as run %s", context["overrides"], finished)
+                _write_status(context, "finished", run_id=finished, resumed=True)
+                return float("nan")
+    run_name = ",".join(context["overrides"]) or "default"
+    tags = {**host_tags(), **{f"axis.{k}": v for k, v in _axis_tags(cfg, backend).items()},
+            "diaropt.overrides": " ".join(context["overrides"]), "diaropt.job_num": str(context["job_num"])}
+    run = tracker.start_child(run_name, parent_id, tags)
+    restore = install_sigterm_handler(run)
+    try:
+        with run:
+            run.log_config(cfg)
+            run.log_params({"backend.resolved": backend})
+            try:
+                der = _run_tracked(cfg, run, output_dir, backend)
+            except BackendUnavailable as error:
+                log.warning("skipped: %s", error.reason)
+                run.skip(error.reason)
+                _write_status(context, "skipped", run_id=run.run_id, reason=error.reason)
+                return float("nan")
+        _write_status(context, "finished", run_id=run.run_id, der_pyannote=der)
+        return der
+    except Exception as error:  # noqa: BLE001 - the run is FAILED already; the sweep goes on
+        log.error("job failed: %s: %s", type(error).__name__, error)
+        _write_status(context, "failed", run_id=run.run_id, error=f"{type(error).__name__}: {error}",
+                      traceback=traceback.format_exc())
+        if not context["multirun"]:
+            raise
+        return float("nan")
+    finally:
+        restore()
+
+
+def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> float:
+    from diaropt.pipeline.timing import StageTimer
+    from diaropt.runner import ChunkProgress, dataset_from_config, load_pipeline, run_dataset
+    from diaropt.variants.build import build_models
+
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        built = build_models(cfg)
+        run.log_metrics({"time_build_s": time.perf_counter() - start, **built.graph_metrics()})
+        run.log_params({f"weights_sha256.{k}": v for k, v in built.weights_sha256.items()})
+        for model in (built.segmentation, built.embedding):
+            run.log_json(model.info, f"models/{model.kind}_info.json")
+            if model.path is not None and (model.path.parent / "op_histogram.json").is_file():
+                run.log_file(model.path.parent / "op_histogram.json", f"models/{model.kind}")
+            if cfg.tracking.log_models and model.path is not None:
+                (run.log_dir if model.path.is_dir() else run.log_file)(model.path, f"models/{model.kind}")
+        dataset = dataset_from_config(cfg)
+        run.log_params({"dataset.uris": ",".join(item.uri for item in dataset)})
+        timer = StageTimer()
+        progress = ChunkProgress(enabled=sys.stderr.isatty())
+        pipeline = load_pipeline(cfg, built, timer, progress)  # BackendUnavailable: skipped upstream
+        result = run_dataset(pipeline, dataset, output_dir / "rttm", timer, repeats=cfg.repeats,
+                             max_duration_s=cfg.dataset.max_duration_s, show_progress=sys.stderr.isatty())
+        progress.close()
+    run.log_metrics({**result.aggregate, "peak_rss_bytes": memory.peak_bytes})
+    run.log_table(result.rows, "results/per_file.json")
+    run.log_dir(output_dir / "rttm", "rttm")
+    run.log_timing_plot({stage: result.aggregate[f"time_{stage}_s"] for stage in
+                         ("compile", "audio", "segmentation", "preprocessing", "embedding", "clustering",
+                          "postprocess")})
+    der = result.aggregate["der_pyannote"]
+    log.info("%s: DER %.2f %% (pyannote) / %.2f %% (fluidaudio), RTFx %.1f", backend, 100 * der,
+             100 * result.aggregate["der_fluidaudio"], result.aggregate["rtfx"])
+    return der
+
+
+def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path) -> float:
+    from diaropt.backends.base import BackendUnavailable
+    from diaropt.pipeline.timing import StageTimer
+    from diaropt.runner import dataset_from_config, load_pipeline, run_dataset
+    from diaropt.variants.build import build_models
+
+    try:
+        built = build_models(cfg)
+        timer = StageTimer()
+        pipeline = load_pipeline(cfg, built, timer)
+    except BackendUnavailable as error:
+        log.warning("skipped: %s", error.reason)
+        _write_status(context, "skipped", reason=error.reason)
+        return float("nan")
+    result = run_dataset(pipeline, dataset_from_config(cfg), output_dir / "rttm", timer, repeats=cfg.repeats,
+                         max_duration_s=cfg.dataset.max_duration_s)
+    (output_dir / "metrics.json").write_text(json.dumps(result.aggregate, indent=1))
+    _write_status(context, "finished", der_pyannote=result.aggregate["der_pyannote"])
+    return result.aggregate["der_pyannote"]
+
+
+def read_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
+    folder = Path(sweep_dir) / STATUS_DIR
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+class SweepCallback(Callback):
+    """Closes a multirun: parent-run summary, one line of counts, non-zero exit if a job failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        statuses = read_statuses(sweep_dir)
+        counts = {name: sum(1 for s in statuses if s["status"] == name) for name in ("finished", "skipped", "failed")}
+        if config.tracking.enabled:
+            try:
+                from diaropt.tracking import Tracker, resolve_tracking_uri
+
+                tracker = Tracker(resolve_tracking_uri(config.tracking.tracking_uri, REPO_ROOT),
+                                  config.tracking.experiment_name)
+                parent_id = tracker.find_parent(str(sweep_dir))
+                if parent_id is not None:
+                    tracker.summarize_parent(parent_id, SUMMARY_METRICS, SUMMARY_PARAMS)
+                    tracker.finish_parent(parent_id, "FAILED" if counts["failed"] else "FINISHED")
+            except Exception as error:  # noqa: BLE001 - the jobs' results are already logged
+                log.error("could not summarise the sweep in MLflow: %s", error)
+        line = (f"sweep {sweep_dir}: {len(statuses)} jobs: {counts['finished']} finished, "
+                f"{counts['skipped']} skipped, {counts['failed']} failed")
+        print(line, flush=True)
+        for status in statuses:
+            if status["status"] != "finished":
+                reason = status.get("reason") or status.get("error")
+                print(f"  job {status['job_num']} {status['status']} ({' '.join(status['overrides'])}): {reason}",
+                      flush=True)
+        if counts["failed"]:
+            sys.exit(1)
