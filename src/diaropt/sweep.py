@@ -134,7 +134,9 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> float:
                 log.info("resume: job %s already finished as run %s", context["overrides"], finished)
                 _write_status(context, "finished", run_id=finished, resumed=True)
                 return float("nan")
-    run_name = ",".join(context["overrides"]) or "default"
+    # the axes in the name; where results go (tracking.*, paths.*, hydra.*) is not part of it
+    run_name = ",".join(o for o in context["overrides"] if not o.startswith(("tracking.", "paths.", "hydra.")))
+    run_name = run_name or "default"
     tags = {**host_tags(), **{f"axis.{k}": v for k, v in _axis_tags(cfg, backend).items()},
             "diaropt.overrides": " ".join(context["overrides"]), "diaropt.job_num": str(context["job_num"])}
     run = tracker.start_child(run_name, parent_id, tags)

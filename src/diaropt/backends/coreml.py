@@ -30,17 +30,21 @@ _ARRAY_DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "fl
 
 def convert_coreml(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
                    outputs: list[TensorSpec], path: Path, precision: str = "fp32",
-                   minimum_deployment_target: str = "macOS13", **convert_kwargs: object):
+                   minimum_deployment_target: str = "macOS13", compute_precision: object | None = None,
+                   **convert_kwargs: object):
     """Trace ``module`` and convert it to an ML program saved at ``path`` (fixed shapes).
 
-    Returns the ``MLModel`` (not loaded for prediction on Linux).
+    ``compute_precision`` (a ``ct.precision`` value or a ``ct.transform.FP16ComputePrecision``
+    with an op selector) overrides ``precision`` ("fp32" / "fp16"). Returns the ``MLModel`` (not
+    loaded for prediction on Linux).
     """
     import coremltools as ct
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module.eval(), example_inputs)
-    compute_precision = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[precision]
+    if compute_precision is None:
+        compute_precision = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[precision]
     model = ct.convert(
         traced,
         inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type) for s in inputs],
@@ -115,6 +119,45 @@ def io_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 def package_size_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# specificationVersion -> the deployment targets it first shipped with
+SPEC_VERSION_TARGETS = {7: "iOS16/macOS13", 8: "iOS17/macOS14", 9: "iOS18/macOS15"}
+
+
+def deployment_target(path: Path) -> str:
+    """The minimum deployment target a saved package declares, e.g. "iOS18/macOS15"."""
+    version = load_spec(path).specificationVersion
+    return SPEC_VERSION_TARGETS.get(version, f"specificationVersion {version}")
+
+
+def op_dtype_histogram(path: Path) -> dict[str, dict[str, int]]:
+    """Op type -> {dtype of its first output: count} for a saved ``.mlpackage`` (consts left out).
+
+    Shows which ops compute in fp16 and which stay fp32 (e.g. under a selective fp16 precision).
+    """
+    from coremltools.proto import MIL_pb2
+
+    counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for function in load_spec(path).mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            for op in _operations(block):
+                if op.type != "const" and op.outputs:
+                    counts[op.type][MIL_pb2.DataType.Name(op.outputs[0].type.tensorType.dataType).lower()] += 1
+    return {op_type: dict(sorted(dtypes.items())) for op_type, dtypes in sorted(counts.items())}
+
+
+def load_mil_program(path: Path):
+    """The MIL program (``coremltools`` PyMIL ``Program``) of a saved ``.mlpackage``, weights included."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = model.get_spec()
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise ValueError(f"{path}: not an ML program (type {spec.WhichOneof('Type')})")
+    return load_milproto(model_spec=spec, specification_version=spec.specificationVersion,
+                         file_weights_dir=model.weights_dir)
 
 
 class CoreMLModel:

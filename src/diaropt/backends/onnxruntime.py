@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +24,11 @@ log = logging.getLogger(__name__)
 OPSET = 17
 # Core ML EP compute units, by diaropt's compute_unit names.
 COREML_EP_UNITS = {"cpu_only": "CPUOnly", "cpu_and_gpu": "CPUAndGPU", "cpu_and_ne": "CPUAndNeuralEngine", "all": "ALL"}
+
+
+# diaropt's optimization level names -> ort.GraphOptimizationLevel members, highest first.
+OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+                       "disable": "ORT_DISABLE_ALL"}
 
 
 def export_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
@@ -85,12 +95,7 @@ class OnnxRuntimeModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimization_level]
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization_level])
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=providers_for(compute_unit))
         self.inputs = [TensorSpec(i.name, tuple(i.shape), _dtype(i.type)) for i in self.session.get_inputs()]
@@ -108,3 +113,55 @@ class OnnxRuntimeModel:
 def _dtype(onnx_type: str) -> str:
     return {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
             "tensor(int32)": "int32"}.get(onnx_type, onnx_type)
+
+
+_PROBE_SCRIPT = """
+import json, sys
+import numpy as np
+import onnxruntime as ort
+path, level, feeds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+options = ort.SessionOptions()
+options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+rng = np.random.default_rng(0)
+values = {name: (0.1 * rng.standard_normal(shape)).astype(dtype) for name, (shape, dtype) in feeds.items()}
+session.run(None, values)
+"""
+
+
+def probe_session(path: Path, feeds: dict[str, tuple[tuple[int, ...], str]], optimization_level: str = "all",
+                  timeout_s: float = 600.0) -> str | None:
+    """Build a CPU session for ``path`` at ``optimization_level`` and run it once on small random
+    inputs ``{name: (shape, dtype)}``, in a child process so that a native crash cannot take the
+    caller down. Returns None if that worked, else what went wrong (exit signal / error tail)."""
+    args = [sys.executable, "-c", _PROBE_SCRIPT, str(path), OPTIMIZATION_LEVELS[optimization_level],
+            json.dumps({name: [list(shape), dtype] for name, (shape, dtype) in feeds.items()})]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout_s:.0f} s"
+    if done.returncode == 0:
+        return None
+    # the last line that is not one of onnxruntime's own log lines (warnings go to stderr too)
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in done.stderr.splitlines()]
+    message = next((line for line in reversed(lines) if line and not re.match(r"^\d{4}-\d\d-\d\d .*\[[WIV]:onnxruntime", line)), "")
+    if done.returncode < 0:
+        return f"crashed with {signal.Signals(-done.returncode).name}" + (f": {message}" if message else "")
+    return f"failed (exit {done.returncode}): {message}"
+
+
+def usable_optimization_level(path: Path, feeds: dict[str, tuple[tuple[int, ...], str]], requested: str = "all",
+                              timeout_s: float = 600.0) -> tuple[str, dict[str, str]]:
+    """The highest optimization level, from ``requested`` down, at which ``path`` builds and runs on
+    CPU (see ``probe_session``), and the outcome per level tried. Raises RuntimeError if none works."""
+    levels = list(OPTIMIZATION_LEVELS)
+    outcomes: dict[str, str] = {}
+    for level in levels[levels.index(requested):]:
+        problem = probe_session(path, feeds, level, timeout_s)
+        outcomes[level] = problem or "ok"
+        if problem is None:
+            if level != requested:
+                log.warning("%s: onnxruntime fails at optimization level %s (%s); using %s", path.name,
+                            requested, outcomes[requested], level)
+            return level, outcomes
+    raise RuntimeError(f"{path}: no onnxruntime optimization level works on CPU: {outcomes}")

@@ -1,0 +1,84 @@
+"""The main job: a tiny multirun logged to a temporary MLflow store, failures and parallel jobs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from diaropt.config import REPO_ROOT
+
+# short audio, small batches, one file: the machinery, not the numbers, is under test here
+TINY = ["dataset=sample", "dataset.max_duration_s=12", "segmentation.batch_size=4", "embedding.batch_size=4"]
+
+
+def sweep(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO_ROOT / "experiments/sweep.py"), "-m", *TINY,
+               f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment_name=test",
+               f"hydra.sweep.dir={tmp_path}/sweep", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+
+
+def runs(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    frame = mlflow.search_runs(experiment_names=["test"])
+    parents = frame[frame["tags.mlflow.parentRunId"].isna()]
+    children = frame[frame["tags.mlflow.parentRunId"].notna()]
+    return parents, children
+
+
+def test_multirun_logs_one_parent_and_a_child_per_quant_value(tmp_path):
+    result = sweep(tmp_path, "quant=fp32,fp16")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 jobs: 2 finished, 0 skipped, 0 failed" in result.stdout
+    parents, children = runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 2
+    parent_id = parents.run_id.iloc[0]
+    assert set(children["tags.mlflow.parentRunId"]) == {parent_id}
+    assert sorted(children["params.quant.mode"]) == ["fp16", "fp32"]
+    assert set(children["params.backend.resolved"]) == {"onnxruntime"}
+    for key in ("time_compile_s", "time_segmentation_s", "time_embedding_s", "time_clustering_s",
+                "time_postprocess_s", "time_total_s", "rtfx", "der_pyannote", "der_fluidaudio",
+                "missed_pyannote", "jer_pyannote", "peak_rss_bytes", "embedding_model_size_bytes"):
+        assert children[f"metrics.{key}"].notna().all(), key
+    assert (children["metrics.der_pyannote"] < 1).all()
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(children.run_id.iloc[0])}
+    assert {"config.yaml", "rttm", "results", "timing_breakdown.png", "models"} <= artifacts
+    assert [a.path for a in client.list_artifacts(children.run_id.iloc[0], "rttm")] == ["rttm/sample.rttm"]
+    assert parents["metrics.num_finished"].iloc[0] == 2
+    assert {a.path for a in client.list_artifacts(parent_id, "summary")}
+    # tags say where it ran, so a Linux sweep and a Mac sweep are never confused
+    assert children["tags.host.os"].notna().all() and children["tags.version.onnxruntime"].notna().all()
+
+
+def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    result = sweep(tmp_path, "segmentation.checkpoint=null,/nonexistent/weights.bin")
+    assert result.returncode == 1  # a failed job makes the sweep exit non-zero ...
+    assert "2 jobs: 1 finished, 0 skipped, 1 failed" in result.stdout
+    parents, children = runs(tmp_path)
+    assert sorted(children.status) == ["FAILED", "FINISHED"]  # ... after the other job finished
+    assert "no such file" in result.stdout + result.stderr
+    assert not (children.status == "RUNNING").any() and not (parents.status == "RUNNING").any()
+
+
+def test_host_that_cannot_run_a_job_skips_it_with_the_reason(tmp_path):
+    result = sweep(tmp_path, "backend=torch", "compute_unit=cpu_only,cpu_and_ne")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 finished, 1 skipped, 0 failed" in result.stdout
+    _, children = runs(tmp_path)
+    skipped = children[children["tags.diaropt.skipped"] == "true"]
+    assert len(skipped) == 1
+    assert "torch has no compute unit cpu_and_ne" in skipped["tags.diaropt.skip_reason"].iloc[0]
+
+
+@pytest.mark.slow
+def test_joblib_launcher_with_two_workers_loses_no_run(tmp_path):
+    result = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "clustering.threshold=0.5,0.6,0.7")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    parents, children = runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 3
+    assert (children.status == "FINISHED").all()
+    assert children["metrics.der_pyannote"].notna().all()
