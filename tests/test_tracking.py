@@ -6,6 +6,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,9 +29,18 @@ from diaropt.tracking import JobRun, Tracker, TrackingUnavailable, flatten_confi
 DEAD_PID = 999999
 
 
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty store with MLflow's schema, migrated once (a fresh database costs 1-5 s)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    Tracker(f"sqlite:///{path}", "template")
+    return path
+
+
 @pytest.fixture
-def store_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A fresh SQLite store, also made the global one so ``mlflow.search_runs`` reads it."""
+def store_uri(tmp_path: Path, migrated_db: Path, monkeypatch: pytest.MonkeyPatch):
+    """A per-test SQLite store (copy of the migrated one), also the global one for ``mlflow.search_runs``."""
+    shutil.copyfile(migrated_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
@@ -251,7 +261,8 @@ def _parent_worker(uri: str, barrier, queue) -> None:
     queue.put(tracker.get_or_create_parent("multirun/concurrent", {"diaropt.worker": str(os.getpid())}))
 
 
-def test_concurrent_get_or_create_parent_yields_one(tmp_path: Path, store_uri: str) -> None:
+def test_concurrent_get_or_create_parent_yields_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store_uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"  # not migrated yet: the workers race to create it
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(4, timeout=40), ctx.Queue()  # a crashed worker breaks the barrier
     workers = [ctx.Process(target=_parent_worker, args=(store_uri, barrier, queue)) for _ in range(4)]
@@ -268,8 +279,10 @@ def test_concurrent_get_or_create_parent_yields_one(tmp_path: Path, store_uri: s
     assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
     ids = {queue.get(timeout=5) for _ in workers}
     assert len(ids) == 1
-    parents = mlflow.search_runs(experiment_names=["test-exp"], filter_string="tags.`diaropt.role` = 'parent'")
-    assert list(parents["run_id"]) == list(ids)
+    tracker = Tracker(store_uri, "test-exp")
+    parents = tracker.search("tags.`diaropt.role` = 'parent'")
+    assert [run.info.run_id for run in parents] == list(ids)
+    assert parents[0].data.tags["diaropt.sweep_id"] == "multirun/concurrent"
 
 
 def test_sigterm_ends_run_killed_and_exits(tmp_path: Path, store_uri: str) -> None:

@@ -29,7 +29,14 @@ def diarize(argv: list[str]) -> int:
     from diaropt.runner import ChunkProgress, load_pipeline
     from diaropt.variants.build import build_models
 
-    cfg = compose(overrides)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:  # before any work
+        print(f"error: bad configuration override: {error}", file=sys.stderr)
+        return 2
     missing = [str(path) for path in args.audio if not path.is_file()]
     if missing:
         print(f"error: no such audio file: {', '.join(missing)}", file=sys.stderr)
