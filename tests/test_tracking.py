@@ -261,7 +261,7 @@ def _parent_worker(uri: str, barrier, queue) -> None:
     queue.put(tracker.get_or_create_parent("multirun/concurrent", {"diaropt.worker": str(os.getpid())}))
 
 
-def test_concurrent_get_or_create_parent_yields_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_get_or_create_parent_yields_one(tmp_path: Path) -> None:
     store_uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"  # not migrated yet: the workers race to create it
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(4, timeout=40), ctx.Queue()  # a crashed worker breaks the barrier

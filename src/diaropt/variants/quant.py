@@ -423,7 +423,7 @@ class _CoreMLBuild:
 
 
 _COREML_OPTIONS = {"block_size": 32, "weight_threshold": 2048, "compute_precision": None,
-                   "minimum_deployment_target": None, "compress_scope": "all", "keep_fp32_ops": COREML_FP32_OPS,
+                   "minimum_deployment_target": None, "compress_scope": "parameters", "keep_fp32_ops": COREML_FP32_OPS,
                    "num_kmeans_workers": 1, "fold_batchnorm": True, "calibration_data": None}
 
 
@@ -751,7 +751,8 @@ def _retype_to_fp16(node, stats: collections.Counter) -> None:
 
 
 _ONNX_OPTIONS = {"optimization_level": "all", "probe": True, "probe_timeout_s": 600.0, "keep_fp32_ops": ONNX_FP32_OPS,
-                 "dynamic_op_types": ("MatMul", "Gemm", "LSTM"), "keep_work": True,
+                 "dynamic_op_types": ("Conv", "MatMul", "Gemm", "LSTM"), "dynamic_per_channel": False,
+                 "keep_work": True,
                  **{f"coreml_{k}": v for k, v in _COREML_OPTIONS.items()}}
 
 
@@ -793,7 +794,7 @@ def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inpu
             keep = options["keep_fp32_ops"] if mode == "fp16_selective" else ()
             info["fp16_conversion"] = convert_onnx_fp16(fp32, path, keep)
         elif mode == "int8_dynamic":
-            info.update(_quantize_dynamic(fp32, path, options["dynamic_op_types"]))
+            info.update(_quantize_dynamic(fp32, path, options["dynamic_op_types"], options["dynamic_per_channel"]))
         fp32.unlink()
     info["build_onnx_s"] = time.perf_counter() - start
     info["onnx_size_bytes"] = path.stat().st_size
@@ -807,14 +808,19 @@ def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inpu
     return path, info
 
 
-def _quantize_dynamic(src: Path, dst: Path, op_types: Iterable[str]) -> dict[str, Any]:
+def _quantize_dynamic(src: Path, dst: Path, op_types: Iterable[str], per_channel: bool) -> dict[str, Any]:
+    """int8 weights (initializers of ``op_types``) with ``quantize_dynamic``; fails if nothing was quantized."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types))
-    quantized = collections.Counter(node.op_type for node in onnx.load(str(dst), load_external_data=False).graph.node)
-    return {"dynamic_op_types": list(op_types),
-            "quantized_ops": {k: v for k, v in sorted(quantized.items())
-                              if k in ("MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeLSTM", "ConvInteger")}}
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                     op_types_to_quantize=list(op_types))
+    counts = collections.Counter(node.op_type for node in onnx.load(str(dst), load_external_data=False).graph.node)
+    quantized = {k: v for k, v in sorted(counts.items())
+                 if k in ("MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul")}
+    if not quantized:
+        raise RuntimeError(f"quantize_dynamic quantized nothing in {src.name} (op types {list(op_types)}): "
+                           "int8_dynamic would be the fp32 graph")
+    return {"dynamic_op_types": list(op_types), "dynamic_per_channel": per_channel, "quantized_ops": quantized}
 
 
 def _build_faithful(module, example_inputs, inputs, outputs, path: Path, mode: str, work: Path,
