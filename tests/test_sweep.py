@@ -74,6 +74,17 @@ def test_host_that_cannot_run_a_job_skips_it_with_the_reason(tmp_path):
     assert "torch has no compute unit cpu_and_ne" in skipped["tags.diaropt.skip_reason"].iloc[0]
 
 
+def test_clustering_sweep_reuses_cached_network_outputs(tmp_path):
+    cache = f"paths.cache_dir={tmp_path}/cache"
+    result = sweep(tmp_path, "backend=torch", "cache_arrays=true", cache, "clustering.threshold=0.5,0.7")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, children = runs(tmp_path)
+    children = children.sort_values("params.clustering.threshold")
+    assert list(children["metrics.array_cache_hits"]) == [0.0, 1.0]  # the second job re-clustered only
+    assert children["tags.diaropt.timings_comparable"].iloc[1] == "false"
+    assert len(list((tmp_path / "cache" / "arrays").glob("*.npz"))) == 1
+
+
 @pytest.mark.slow
 def test_joblib_launcher_with_two_workers_loses_no_run(tmp_path):
     result = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "clustering.threshold=0.5,0.6,0.7")

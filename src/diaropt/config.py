@@ -180,7 +180,9 @@ class TrackingConfig:
 
 @dataclass
 class PathsConfig:
-    cache_dir: Optional[str] = None  # assets + built models; None: $DIAROPT_CACHE_DIR or user cache
+    # built models, array caches, synthetic datasets; None: $DIAROPT_CACHE_DIR or the user cache dir
+    # (the pinned assets always live there)
+    cache_dir: Optional[str] = None
     output_dir: Optional[str] = None  # None: the Hydra job's output dir
 
 
@@ -202,6 +204,9 @@ class Config:
     repeats: int = 1
     torch_threads: int = 0  # 0: torch's default
     resume: bool = False
+    # reuse segmentation outputs and embeddings per (audio, models): for sweeps over clustering or
+    # post-processing parameters. Jobs that hit the cache report network timings of ~0 (tagged).
+    cache_arrays: bool = False
     experiment_preset: Optional[str] = None  # set by conf/experiment/* for the record
 
 

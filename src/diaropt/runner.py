@@ -21,6 +21,7 @@ from diaropt.data.annotations import write_rttm
 from diaropt.data.datasets import Dataset, DatasetItem, load_dataset
 from diaropt.metrics import DiarizationScorer
 from diaropt.pipeline.audio import SAMPLE_RATE_HZ, load_audio
+from diaropt.pipeline.cache import ArrayCache
 from diaropt.pipeline.clustering import get_clustering
 from diaropt.pipeline.diarization import DiarizationOutput, DiarizationPipeline, PipelineParams
 from diaropt.pipeline.timing import STAGES, StageTimer
@@ -103,8 +104,24 @@ def load_pipeline(cfg: DictConfig, built: BuiltModels, timer: StageTimer,
                 load()
     pipeline = DiarizationPipeline(segmentation_model, embedding_model, built.embedding_dim,
                                    clustering_from_config(cfg), params_from_config(cfg), progress)
+    if cfg.cache_arrays:
+        pipeline.array_cache = ArrayCache(_cache_root(cfg) / "arrays", array_identity(cfg, built))
     pipeline.warm_up(timer)
     return pipeline
+
+
+def _cache_root(cfg: DictConfig) -> Path:
+    from diaropt.assets import default_cache_dir
+
+    return Path(cfg.paths.cache_dir or default_cache_dir())
+
+
+def array_identity(cfg: DictConfig, built: BuiltModels) -> dict[str, Any]:
+    """What the cached network outputs depend on: the models and the windowing/mask parameters."""
+    models = {m.kind: m.info.get("content_key") or built.weights_sha256[m.kind]
+              for m in (built.segmentation, built.embedding)}
+    return {"backend": built.backend, "models": models, "step_s": cfg.segmentation.step_s,
+            "min_num_clean_frames": cfg.embedding.min_num_clean_frames}
 
 
 def _crop_item(item: DatasetItem, audio: np.ndarray, max_duration_s: float | None):
@@ -171,5 +188,7 @@ def run_dataset(pipeline: DiarizationPipeline, dataset: Dataset, rttm_dir: Path 
     for stage in STAGES:
         aggregate[f"share_{stage}"] = aggregate[f"time_{stage}_s"] / total if total > 0 else float("nan")
     aggregate["repeats"] = float(repeats)
+    if pipeline.array_cache is not None:
+        aggregate["array_cache_hits"] = float(pipeline.array_cache.hits)
     aggregate["num_files"] = float(len(rows))
     return DatasetResult(rows, aggregate, outputs)

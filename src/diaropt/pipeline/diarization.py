@@ -26,6 +26,7 @@ from pyannote.core import Annotation, Segment
 from diaropt.backends.base import RunnableModel
 from diaropt.models.segmentation import CHUNK_DURATION_S
 from diaropt.pipeline import preprocessing, reconstruction
+from diaropt.pipeline.cache import ArrayCache
 from diaropt.pipeline.audio import SAMPLE_RATE_HZ, chunk_starts, load_audio
 from diaropt.pipeline.clustering import BaseClustering
 from diaropt.pipeline.embedding import embed
@@ -76,6 +77,7 @@ class DiarizationPipeline:
         self.clustering = clustering
         self.params = params
         self.progress = progress or (lambda stage, done, total: None)
+        self.array_cache: ArrayCache | None = None  # set to reuse network outputs across jobs
         self.chunk_samples = int(CHUNK_DURATION_S * SAMPLE_RATE_HZ)
         self.step_samples = int(round(params.step_s * SAMPLE_RATE_HZ))
         if not 0 < self.step_samples <= self.chunk_samples:
@@ -108,10 +110,16 @@ class DiarizationPipeline:
             starts_s = starts / SAMPLE_RATE_HZ
         num_chunks = len(starts)
 
+        cache_key = self.array_cache.key(audio) if self.array_cache is not None else None
+        cached = self.array_cache.load(cache_key) if cache_key is not None else None
+
         with timer.stage("segmentation"):
-            logprobs = segment(self.segmentation_model, audio, starts, self.chunk_samples,
-                               params.segmentation_batch_size,
-                               on_batch=lambda n: self.progress("segmentation", n, num_chunks))
+            if cached is not None:
+                logprobs = cached["logprobs"]
+            else:
+                logprobs = segment(self.segmentation_model, audio, starts, self.chunk_samples,
+                                   params.segmentation_batch_size,
+                                   on_batch=lambda n: self.progress("segmentation", n, num_chunks))
 
         with timer.stage("preprocessing"):
             segmentations = preprocessing.powerset_to_multilabel(logprobs)  # (C, F, L)
@@ -120,9 +128,14 @@ class DiarizationPipeline:
         num_active = int(active.sum())
 
         with timer.stage("embedding"):
-            embeddings = embed(self.embedding_model, audio, starts, self.chunk_samples, masks, active,
-                               params.embedding_batch_size, self.embedding_dim,
-                               on_batch=lambda n: self.progress("embedding", n, num_active))
+            if cached is not None:
+                embeddings = cached["embeddings"]
+            else:
+                embeddings = embed(self.embedding_model, audio, starts, self.chunk_samples, masks, active,
+                                   params.embedding_batch_size, self.embedding_dim,
+                                   on_batch=lambda n: self.progress("embedding", n, num_active))
+        if cache_key is not None and cached is None:
+            self.array_cache.save(cache_key, {"logprobs": logprobs, "embeddings": embeddings})
 
         with timer.stage("clustering"):
             result = self.clustering(embeddings, segmentations, num_speakers=params.num_speakers,
