@@ -138,6 +138,28 @@ def test_fold_batchnorm(toy):
 # ---------------------------------------------------------------------------------------- Core ML
 
 
+def test_coreml_conversion_leaves_the_module_alone(tmp_path):
+    """coremltools writes into a conv -> BatchNorm(affine=False) running_mean in place (as in CAM++'s
+    embedding layer); the conversion must work on a copy."""
+
+    class ConvNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv1d(8, 8, 1, bias=False), nn.BatchNorm1d(8, affine=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x.unsqueeze(-1))).squeeze(-1)
+
+    module = ConvNorm().eval()
+    with torch.no_grad():
+        module.bn.running_mean.normal_()
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    quant.build_coreml(module, (torch.zeros(2, 8),), [TensorSpec("x", (2, 8))], [TensorSpec("y", (2, 8))],
+                       tmp_path / "m.mlpackage", "fp32")
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_coreml_modes_store_the_expected_constexpr_ops(coreml_builds):
     expected = {"int8": "constexpr_affine_dequantize", "int4": "constexpr_blockwise_shift_scale",
                 "palettize4": "constexpr_lut_to_dense", "palettize6": "constexpr_lut_to_dense",
@@ -282,7 +304,8 @@ def test_onnx_int8_dynamic_runs_and_is_smaller(onnx_builds, toy_inputs):
     path, info = onnx_builds["int8_dynamic"]
     fp32_path, fp32_info = onnx_builds["fp32"]
     assert info["onnx_size_bytes"] < 0.7 * fp32_info["onnx_size_bytes"]
-    assert info["quantized_ops"]["MatMulInteger"] == 2 and info["quantized_ops"]["DynamicQuantizeLSTM"] == 1
+    # fc1, fc2 and the mixing matrix; both convs; the LSTM
+    assert info["quantized_ops"] == {"ConvInteger": 2, "DynamicQuantizeLSTM": 1, "MatMulInteger": 3}
     difference = np.abs(np.exp(_run(path, info, toy_inputs)) - np.exp(_run(fp32_path, fp32_info, toy_inputs))).max()
     assert 0 < difference < 0.02  # probabilities
 

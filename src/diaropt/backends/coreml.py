@@ -9,6 +9,7 @@ saved spec (so the macOS path is exercised up to the call).
 from __future__ import annotations
 
 import collections
+import copy
 import os
 import re
 import shutil
@@ -42,7 +43,9 @@ def convert_coreml(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(module.eval(), example_inputs)
+        # a copy: coremltools' conversion writes into some of the traced tensors in place (seen: the
+        # running_mean of a BatchNorm(affine=False) after a conv), which would corrupt ``module``
+        traced = torch.jit.trace(copy.deepcopy(module).eval(), example_inputs)
     if compute_precision is None:
         compute_precision = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[precision]
     model = ct.convert(

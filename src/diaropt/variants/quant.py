@@ -474,7 +474,8 @@ def _op_config(spec: CoreMLQuant, options: dict[str, Any]):
 
 
 def _compressible_consts(model, threshold: int) -> tuple[dict[str, np.ndarray], dict[str, frozenset]]:
-    """Float consts of a converted (uncompressed) model that compression may touch (> threshold elements)."""
+    """Float consts of a converted (uncompressed) model that compression may touch (> threshold
+    elements), by const op name: ({name: value}, {name: consumers})."""
     from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 
     spec = model.get_spec()
@@ -484,8 +485,8 @@ def _compressible_consts(model, threshold: int) -> tuple[dict[str, np.ndarray], 
     for op in _program_ops(program):
         value = op.outputs[0].val if op.op_type == "const" else None
         if isinstance(value, np.ndarray) and value.dtype in (np.float16, np.float32) and value.size > threshold:
-            consts[op.outputs[0].name] = value
-            consumers[op.outputs[0].name] = _op_consumers(op.outputs[0])
+            consts[op.name] = value  # the op name (what OptimizationConfig.op_name_configs matches), not the var's
+            consumers[op.name] = _op_consumers(op.outputs[0])
     return consts, consumers
 
 
