@@ -44,6 +44,12 @@ def test_multirun_logs_one_parent_and_a_child_per_quant_value(tmp_path):
                 "missed_pyannote", "jer_pyannote", "peak_rss_bytes", "embedding_model_size_bytes"):
         assert children[f"metrics.{key}"].notna().all(), key
     assert (children["metrics.der_pyannote"] < 1).all()
+    # parity against the fp32 torch reference: fp32 ONNX Runtime matches it to float rounding
+    fp32 = children[children["params.quant.mode"] == "fp32"].iloc[0]
+    assert fp32["metrics.parity_emb_cos_min"] > 0.9999 and fp32["metrics.parity_ok"] == 1
+    assert fp32["tags.diaropt.parity_flag"] == "ok" and abs(fp32["metrics.parity_der_delta"]) < 0.01
+    for key in ("parity_seg_max_abs_diff", "parity_seg_powerset_agreement", "parity_emb_cos_mean"):
+        assert children[f"metrics.{key}"].notna().all(), key
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(children.run_id.iloc[0])}
     assert {"config.yaml", "rttm", "results", "timing_breakdown.png", "models"} <= artifacts

@@ -31,7 +31,8 @@ STATUS_DIR = ".diaropt"
 #: The metrics the parent run's comparison table shows.
 SUMMARY_METRICS = ["der_pyannote", "der_fluidaudio", "jer_pyannote", "rtfx", "time_total_s", "time_compile_s",
                    "time_segmentation_s", "time_embedding_s", "time_clustering_s", "time_postprocess_s",
-                   "embedding_coreml_slice_by_index_ops", "embedding_model_size_bytes", "peak_rss_bytes"]
+                   "embedding_coreml_slice_by_index_ops", "embedding_model_size_bytes", "peak_rss_bytes",
+                   "parity_emb_cos_min", "parity_seg_powerset_agreement", "parity_der_delta", "parity_ok"]
 SUMMARY_PARAMS = ["backend.resolved", "frame_extraction.mode", "frame_extraction.batch_size", "quant.mode",
                   "compute_unit.name", "embedding.name", "clustering.method", "segmentation.step_s"]
 
@@ -119,7 +120,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> float:
 
         torch.set_num_threads(cfg.torch_threads)
     if not cfg.tracking.enabled:
-        return _run_untracked(cfg, context, output_dir)
+        return _run_untracked(cfg, context, output_dir, backend)
     tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT), cfg.tracking.experiment_name)
     closed = tracker.close_stale_runs()
     if closed:
@@ -166,6 +167,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> float:
 
 
 def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> float:
+    from diaropt.parity import parity_flag, run_parity
     from diaropt.pipeline.timing import StageTimer
     from diaropt.runner import ChunkProgress, dataset_from_config, load_pipeline, run_dataset
     from diaropt.variants.build import build_models
@@ -187,9 +189,14 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> float:
         progress = ChunkProgress(enabled=sys.stderr.isatty())
         pipeline = load_pipeline(cfg, built, timer, progress)  # BackendUnavailable: skipped upstream
         result = run_dataset(pipeline, dataset, output_dir / "rttm", timer, repeats=cfg.repeats,
-                             max_duration_s=cfg.dataset.max_duration_s, show_progress=sys.stderr.isatty())
+                             max_duration_s=cfg.dataset.max_duration_s, show_progress=sys.stderr.isatty(),
+                             keep_arrays=cfg.parity.enabled)
         progress.close()
     run.log_metrics({**result.aggregate, "peak_rss_bytes": memory.peak_bytes})
+    if cfg.parity.enabled:  # after the job's timings and memory: the reference run is not part of them
+        parity = run_parity(cfg, backend, result)
+        run.log_metrics(parity)
+        run.set_tags({"diaropt.parity_flag": parity_flag(parity, cfg.parity.cosine_floor)})
     if result.aggregate.get("array_cache_hits", 0) > 0:
         run.set_tags({"diaropt.timings_comparable": "false",
                       "diaropt.timings_note": "network outputs came from the array cache"})
@@ -204,7 +211,7 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> float:
     return der
 
 
-def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path) -> float:
+def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path, backend: str) -> float:
     from diaropt.backends.base import BackendUnavailable
     from diaropt.pipeline.timing import StageTimer
     from diaropt.runner import dataset_from_config, load_pipeline, run_dataset
@@ -219,8 +226,14 @@ def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path) -
         _write_status(context, "skipped", reason=error.reason)
         return float("nan")
     result = run_dataset(pipeline, dataset_from_config(cfg), output_dir / "rttm", timer, repeats=cfg.repeats,
-                         max_duration_s=cfg.dataset.max_duration_s)
-    (output_dir / "metrics.json").write_text(json.dumps(result.aggregate, indent=1))
+                         max_duration_s=cfg.dataset.max_duration_s, keep_arrays=cfg.parity.enabled)
+    metrics = dict(result.aggregate)
+    if cfg.parity.enabled:
+        from diaropt.parity import run_parity
+
+        metrics.update(run_parity(cfg, backend, result))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _write_status(context, "finished", der_pyannote=result.aggregate["der_pyannote"])
     return result.aggregate["der_pyannote"]
 
