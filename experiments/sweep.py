@@ -3,14 +3,13 @@
     python experiments/sweep.py                          # the default configuration on ami_mini
     python experiments/sweep.py -m quant=fp16,int8       # one child run per value, under one parent
     python experiments/sweep.py -m experiment=seed_baseline,seed_plan
+    python experiments/sweep.py -m experiment=optuna_search   # multi-objective search (DER, RTFx)
     mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1
 
 Axes and their options: conf/ (one group per axis); schema and validation: src/diaropt/config.py.
 """
 
 from __future__ import annotations
-
-import math
 
 import hydra
 from omegaconf import DictConfig
@@ -22,9 +21,12 @@ register_configs()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    der = run_job(cfg)
-    return der if not math.isnan(der) else float("inf")  # a sweeper minimising DER never picks a failed job
+def main(cfg: DictConfig) -> float | tuple[float, ...]:
+    """Run one job; return its ``objectives`` (NaN for a job that did not finish: a sweeper such as
+    Optuna then records the trial as failed instead of ranking it)."""
+    metrics = run_job(cfg)
+    values = tuple(float(metrics.get(name, float("nan"))) for name in cfg.objectives)
+    return values[0] if len(values) == 1 else values
 
 
 if __name__ == "__main__":

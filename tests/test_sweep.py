@@ -99,3 +99,15 @@ def test_joblib_launcher_with_two_workers_loses_no_run(tmp_path):
     assert len(parents) == 1 and len(children) == 3
     assert (children.status == "FINISHED").all()
     assert children["metrics.der_pyannote"].notna().all()
+
+
+@pytest.mark.slow
+def test_optuna_search_returns_both_objectives_per_trial(tmp_path):
+    result = sweep(tmp_path, "experiment=optuna_search", "hydra.sweeper.n_trials=2", "parity.enabled=false",
+                   "quant=choice(fp32,fp16)", "frame_extraction=strided")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Number of Pareto solutions" in result.stdout + result.stderr
+    parents, children = runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 2
+    assert children["metrics.der_pyannote"].notna().all() and children["metrics.rtfx"].notna().all()
+    assert set(children["params.experiment_preset"]) == {"optuna_search"}

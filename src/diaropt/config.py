@@ -208,6 +208,9 @@ class Config:
     # post-processing parameters. Jobs that hit the cache report network timings of ~0 (tagged).
     cache_arrays: bool = False
     experiment_preset: Optional[str] = None  # set by conf/experiment/* for the record
+    # what a job returns to the sweeper (Optuna minimises/maximises these, in order; see
+    # conf/experiment/optuna_search.yaml); any metric the job logs, e.g. der_pyannote, rtfx
+    objectives: list[str] = field(default_factory=lambda: ["der_pyannote"])
 
 
 _GROUP_SCHEMAS = {

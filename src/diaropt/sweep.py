@@ -105,8 +105,8 @@ def _axis_tags(cfg: DictConfig, backend: str) -> dict[str, str]:
             "experiment_preset": str(container.get("experiment_preset"))}
 
 
-def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> float:
-    """Run one configuration, log it, and return its DER (collar 0) or NaN if it did not finish."""
+def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, float]:
+    """Run one configuration, log it, and return its metrics ({} if it did not finish)."""
     from diaropt.backends.base import BackendUnavailable
     from diaropt.tracking import Tracker, host_tags, install_sigterm_handler, resolve_tracking_uri
     from diaropt.variants.build import _value, resolve_backend
@@ -134,7 +134,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> float:
             if finished is not None:
                 log.info("resume: job %s already finished as run %s", context["overrides"], finished)
                 _write_status(context, "finished", run_id=finished, resumed=True)
-                return float("nan")
+                return dict(tracker.client.get_run(finished).data.metrics)
     # the axes in the name; where results go (tracking.*, paths.*, hydra.*) is not part of it
     run_name = ",".join(o for o in context["overrides"] if not o.startswith(("tracking.", "paths.", "hydra.")))
     run_name = run_name or "default"
@@ -147,26 +147,26 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> float:
             run.log_config(cfg)
             run.log_params({"backend.resolved": backend})
             try:
-                der = _run_tracked(cfg, run, output_dir, backend)
+                metrics = _run_tracked(cfg, run, output_dir, backend)
             except BackendUnavailable as error:
                 log.warning("skipped: %s", error.reason)
                 run.skip(error.reason)
                 _write_status(context, "skipped", run_id=run.run_id, reason=error.reason)
-                return float("nan")
-        _write_status(context, "finished", run_id=run.run_id, der_pyannote=der)
-        return der
+                return {}
+        _write_status(context, "finished", run_id=run.run_id, der_pyannote=metrics["der_pyannote"])
+        return metrics
     except Exception as error:  # noqa: BLE001 - the run is FAILED already; the sweep goes on
         log.error("job failed: %s: %s", type(error).__name__, error)
         _write_status(context, "failed", run_id=run.run_id, error=f"{type(error).__name__}: {error}",
                       traceback=traceback.format_exc())
         if not context["multirun"]:
             raise
-        return float("nan")
+        return {}
     finally:
         restore()
 
 
-def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> float:
+def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[str, float]:
     from diaropt.parity import parity_flag, run_parity
     from diaropt.pipeline.timing import StageTimer
     from diaropt.runner import ChunkProgress, dataset_from_config, load_pipeline, run_dataset
@@ -192,10 +192,12 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> float:
                              max_duration_s=cfg.dataset.max_duration_s, show_progress=sys.stderr.isatty(),
                              keep_arrays=cfg.parity.enabled)
         progress.close()
-    run.log_metrics({**result.aggregate, "peak_rss_bytes": memory.peak_bytes})
+    metrics = {**result.aggregate, "peak_rss_bytes": float(memory.peak_bytes)}
+    run.log_metrics(metrics)
     if cfg.parity.enabled:  # after the job's timings and memory: the reference run is not part of them
         parity = run_parity(cfg, backend, result)
         run.log_metrics(parity)
+        metrics.update(parity)
         run.set_tags({"diaropt.parity_flag": parity_flag(parity, cfg.parity.cosine_floor)})
     if result.aggregate.get("array_cache_hits", 0) > 0:
         run.set_tags({"diaropt.timings_comparable": "false",
@@ -205,13 +207,12 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> float:
     run.log_timing_plot({stage: result.aggregate[f"time_{stage}_s"] for stage in
                          ("compile", "audio", "segmentation", "preprocessing", "embedding", "clustering",
                           "postprocess")})
-    der = result.aggregate["der_pyannote"]
-    log.info("%s: DER %.2f %% (pyannote) / %.2f %% (fluidaudio), RTFx %.1f", backend, 100 * der,
-             100 * result.aggregate["der_fluidaudio"], result.aggregate["rtfx"])
-    return der
+    log.info("%s: DER %.2f %% (pyannote) / %.2f %% (fluidaudio), RTFx %.1f", backend,
+             100 * result.aggregate["der_pyannote"], 100 * result.aggregate["der_fluidaudio"], result.aggregate["rtfx"])
+    return metrics
 
 
-def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path, backend: str) -> float:
+def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path, backend: str) -> dict[str, float]:
     from diaropt.backends.base import BackendUnavailable
     from diaropt.pipeline.timing import StageTimer
     from diaropt.runner import dataset_from_config, load_pipeline, run_dataset
@@ -224,7 +225,7 @@ def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path, b
     except BackendUnavailable as error:
         log.warning("skipped: %s", error.reason)
         _write_status(context, "skipped", reason=error.reason)
-        return float("nan")
+        return {}
     result = run_dataset(pipeline, dataset_from_config(cfg), output_dir / "rttm", timer, repeats=cfg.repeats,
                          max_duration_s=cfg.dataset.max_duration_s, keep_arrays=cfg.parity.enabled)
     metrics = dict(result.aggregate)
@@ -235,7 +236,7 @@ def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path, b
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _write_status(context, "finished", der_pyannote=result.aggregate["der_pyannote"])
-    return result.aggregate["der_pyannote"]
+    return metrics
 
 
 def read_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
