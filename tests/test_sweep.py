@@ -39,6 +39,7 @@ def test_multirun_logs_one_parent_and_a_child_per_quant_value(tmp_path):
     assert set(children["tags.mlflow.parentRunId"]) == {parent_id}
     assert sorted(children["params.quant.mode"]) == ["fp16", "fp32"]
     assert set(children["params.backend.resolved"]) == {"onnxruntime"}
+    assert children["params.dataset.sha256"].str.len().eq(64).all() and children["params.dataset.sha256"].nunique() == 1
     for key in ("time_compile_s", "time_segmentation_s", "time_embedding_s", "time_clustering_s",
                 "time_postprocess_s", "time_total_s", "rtfx", "der_pyannote", "der_fluidaudio",
                 "missed_pyannote", "jer_pyannote", "peak_rss_bytes", "embedding_model_size_bytes"):

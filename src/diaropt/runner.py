@@ -6,6 +6,7 @@ accept the same configuration overrides and produce the same numbers.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -49,6 +50,21 @@ def dataset_from_config(cfg: DictConfig, cache_dir: Path | None = None) -> Datas
     if d.max_files is not None:
         dataset = Dataset(dataset.name, tuple(dataset.items)[: d.max_files])
     return dataset
+
+
+def dataset_sha256(dataset: Dataset) -> str:
+    """Identity of an evaluation set: sha256 over each file's uri, audio bytes, reference turns and UEM."""
+    digest = hashlib.sha256()
+    for item in dataset:
+        digest.update(item.uri.encode())
+        with open(item.audio_path, "rb") as audio:
+            for block in iter(lambda: audio.read(1 << 20), b""):
+                digest.update(block)
+        turns = sorted((round(s.start, 6), round(s.end, 6), str(label)) for s, _, label in item.reference.itertracks(yield_label=True))
+        digest.update(repr(turns).encode())
+        if item.uem is not None:
+            digest.update(repr([(round(s.start, 6), round(s.end, 6)) for s in item.uem]).encode())
+    return digest.hexdigest()
 
 
 def clustering_from_config(cfg: DictConfig):

@@ -169,7 +169,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
 def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[str, float]:
     from diaropt.parity import parity_flag, run_parity
     from diaropt.pipeline.timing import StageTimer
-    from diaropt.runner import ChunkProgress, dataset_from_config, load_pipeline, run_dataset
+    from diaropt.runner import ChunkProgress, dataset_from_config, dataset_sha256, load_pipeline, run_dataset
     from diaropt.variants.build import build_models
 
     with PeakMemory() as memory:
@@ -184,7 +184,8 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[s
             if cfg.tracking.log_models and model.path is not None:
                 (run.log_dir if model.path.is_dir() else run.log_file)(model.path, f"models/{model.kind}")
         dataset = dataset_from_config(cfg)
-        run.log_params({"dataset.uris": ",".join(item.uri for item in dataset)})
+        run.log_params({"dataset.uris": ",".join(item.uri for item in dataset),
+                        "dataset.sha256": dataset_sha256(dataset)})
         timer = StageTimer()
         progress = ChunkProgress(enabled=sys.stderr.isatty())
         pipeline = load_pipeline(cfg, built, timer, progress)  # BackendUnavailable: skipped upstream
