@@ -43,3 +43,24 @@ def dev00_audio(assets) -> np.ndarray:
     audio, sample_rate_hz = sf.read(assets["ami"] / "dev00.wav", dtype="float32")
     assert sample_rate_hz == 16000
     return audio
+
+
+#: A tiny sweep: short audio, small batches, one file (the machinery, not the numbers, is under test).
+TINY_SWEEP = ["dataset=sample", "dataset.max_duration_s=12", "segmentation.batch_size=4", "embedding.batch_size=4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory) -> tuple[str, str]:
+    """(tracking URI, experiment name) of a real two-job multirun (quant=fp32,fp16), run once per session."""
+    import subprocess
+    import sys
+
+    from diaropt.config import REPO_ROOT
+
+    folder = tmp_path_factory.mktemp("tiny_sweep")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    command = [sys.executable, str(REPO_ROOT / "experiments/sweep.py"), "-m", *TINY_SWEEP, "quant=fp32,fp16",
+               f"tracking.tracking_uri={uri}", "tracking.experiment_name=tiny", f"hydra.sweep.dir={folder}/sweep"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=folder)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return uri, "tiny"

@@ -8,10 +8,8 @@ import sys
 import mlflow
 import pytest
 
+from conftest import TINY_SWEEP as TINY
 from diaropt.config import REPO_ROOT
-
-# short audio, small batches, one file: the machinery, not the numbers, is under test here
-TINY = ["dataset=sample", "dataset.max_duration_s=12", "segmentation.batch_size=4", "embedding.batch_size=4"]
 
 
 def sweep(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
