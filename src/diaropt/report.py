@@ -146,7 +146,9 @@ def load_sweep(experiment_name: str = "diaropt", parent_run_id: str | None = Non
     if parent_run_id is None:
         parent_run_id = latest_parent(client, experiment.experiment_id)
         if parent_run_id is None:
-            raise LookupError(f"experiment {experiment_name!r} has no parent (multirun) run")
+            raise LookupError(f"experiment {experiment_name!r} has no sweep (multirun parent run) to review; a "
+                              "report compares configurations of one sweep: run e.g. "
+                              "`python experiments/sweep.py -m quant=fp32,fp16,int8` first")
     if not re.fullmatch(r"[0-9A-Za-z_-]+", parent_run_id):
         raise ValueError(f"not a run id: {parent_run_id!r}")
     parent = retry_locked(client.get_run, parent_run_id)
