@@ -225,3 +225,68 @@ def test_rttm_round_trip_up_to_millisecond(tmp_path_factory, turns) -> None:
     assert [t for start, end, _ in actual for t in (start, end)] == pytest.approx(
         [t for start, end, _ in expected for t in (start, end)], abs=1e-9
     )
+
+
+# --- property-based: any text either parses into valid turns/regions or fails naming file and line
+
+_number = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-5, 100).map(str),
+    st.sampled_from(["", "NaN", "inf", "1e400", "1,5", "0x10", "one", "-0", "0.000"]),
+)
+_token = st.one_of(_number, st.text(alphabet="abcAB_-<>ñ", min_size=1, max_size=5),
+                   st.sampled_from(["SPEAKER", "SPKR-INFO", "<NA>", ";;", "#"]))
+_rttm_line = st.one_of(
+    st.builds(lambda uri, start, duration, speaker: f"SPEAKER {uri} 1 {start} {duration} <NA> <NA> {speaker} <NA> <NA>",
+              st.sampled_from(["a", "b"]), _number, _number, st.sampled_from(["S1", "S2"])),
+    st.lists(_token, min_size=0, max_size=12).map(" ".join),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(_rttm_line, max_size=8))
+def test_rttm_parser_property_valid_turns_or_a_located_error(tmp_path_factory, lines) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "f.rttm"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    try:
+        annotations = load_rttm(path, allow_empty=True)
+    except DataError as error:
+        assert str(error).startswith(f"{path}:")
+        return
+    speaker_lines = [line for line in lines if line.split()[:1] == ["SPEAKER"]]
+    assert sum(len(list(a.itertracks())) for a in annotations.values()) == len(speaker_lines)
+    for uri, annotation in annotations.items():
+        assert annotation.uri == uri
+        for segment in annotation.get_timeline():
+            assert 0 <= segment.start < segment.end < float("inf")
+
+
+_uem_line = st.one_of(
+    st.builds(lambda uri, start, end: f"{uri} NA {start} {end}", st.sampled_from(["a", "b"]), _number, _number),
+    st.lists(_token, min_size=0, max_size=6).map(" ".join),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(_uem_line, max_size=8))
+def test_uem_parser_property_disjoint_regions_or_a_located_error(tmp_path_factory, lines) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "f.uem"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    try:
+        uems = load_uem(path)
+    except DataError as error:
+        assert str(error).startswith(f"{path}")
+        return
+    for uri, timeline in uems.items():
+        segments = list(timeline)
+        assert timeline.uri == uri and segments
+        assert all(0 <= s.start < s.end < float("inf") for s in segments)
+        assert all(a.end <= b.start for a, b in zip(segments, segments[1:]))
+
+
+def test_binary_or_non_utf8_reference_is_a_located_error(tmp_path: Path) -> None:
+    path = tmp_path / "ref.rttm"
+    path.write_bytes(b"SPEAKER a 1 0 1 <NA> <NA> S\xff <NA> <NA>\n\x00\x01")
+    with pytest.raises(DataError, match="not valid UTF-8") as error:
+        load_rttm(path)
+    assert str(path) in str(error.value)

@@ -114,12 +114,14 @@ def load_pipeline(cfg: DictConfig, built: BuiltModels, timer: StageTimer,
     with timer.stage("compile"):
         segmentation_model = built.segmentation.load()
         embedding_model = built.embedding.load()
-        for model in (segmentation_model, embedding_model):
+        preprocessor_model = built.preprocessor.load() if getattr(built, "preprocessor", None) else None
+        for model in (segmentation_model, embedding_model, preprocessor_model):
             load = getattr(model, "load", None)
             if callable(load):  # Core ML: compile to .mlmodelc (raises off macOS)
                 load()
     pipeline = DiarizationPipeline(segmentation_model, embedding_model, built.embedding_dim,
-                                   clustering_from_config(cfg), params_from_config(cfg), progress)
+                                   clustering_from_config(cfg), params_from_config(cfg), progress,
+                                   preprocessor_model=preprocessor_model)
     if cfg.cache_arrays:
         pipeline.array_cache = ArrayCache(_cache_root(cfg) / "arrays", array_identity(cfg, built))
     pipeline.warm_up(timer)

@@ -108,7 +108,9 @@ def _axis_tags(cfg: DictConfig, backend: str) -> dict[str, str]:
 def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, float]:
     """Run one configuration, log it, and return its metrics ({} if it did not finish)."""
     from diaropt.backends.base import BackendUnavailable
-    from diaropt.tracking import Tracker, host_tags, install_sigterm_handler, resolve_tracking_uri
+    from diaropt.tracking import (FALLBACK_DIR, StoreOrFiles, Tracker, TrackingUnavailable, fallback_meta, host_tags,
+                                  install_sigterm_handler, job_overrides, new_fallback_folder, resolve_tracking_uri,
+                                  start_fallback_run)
     from diaropt.variants.build import _value, resolve_backend
 
     validate(cfg)
@@ -121,14 +123,23 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
         torch.set_num_threads(cfg.torch_threads)
     if not cfg.tracking.enabled:
         return _run_untracked(cfg, context, output_dir, backend)
-    tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT), cfg.tracking.experiment_name)
-    closed = tracker.close_stale_runs()
-    if closed:
-        log.warning("closed %d run(s) left RUNNING by a dead process", closed)
+    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT)
+    sweep_id = (context["sweep_id"] if "sweep_id" in context else context["sweep_dir"]) if context["multirun"] else None
+    parent_tags = {"diaropt.sweep_dir": context["sweep_dir"]} if context["multirun"] else {}
+    fallback_root = output_dir / FALLBACK_DIR
+    try:
+        tracker: Tracker | None = Tracker(tracking_uri, cfg.tracking.experiment_name)
+    except TrackingUnavailable as error:  # keep every result in files; `relog` stores them later
+        log.error("%s; this job's results go to %s (store them later with `python -m diaropt.tracking relog %s`)",
+                  error, fallback_root, fallback_root)
+        tracker, unavailable = None, str(error)
+    if tracker is not None:
+        closed = tracker.close_stale_runs()
+        if closed:
+            log.warning("closed %d run(s) left RUNNING by a dead process", closed)
     parent_id = None
-    if context["multirun"]:
-        parent_id = tracker.get_or_create_parent(context["sweep_id"] if "sweep_id" in context else context["sweep_dir"],
-                                                 {"diaropt.sweep_dir": context["sweep_dir"]})
+    if tracker is not None and context["multirun"]:
+        parent_id = tracker.get_or_create_parent(sweep_id, parent_tags)
         if cfg.resume:
             finished = tracker.find_finished_child(parent_id, context["overrides"])
             if finished is not None:
@@ -136,11 +147,17 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
                 _write_status(context, "finished", run_id=finished, resumed=True)
                 return dict(tracker.client.get_run(finished).data.metrics)
     # the axes in the name; where results go (tracking.*, paths.*, hydra.*) is not part of it
-    run_name = ",".join(o for o in context["overrides"] if not o.startswith(("tracking.", "paths.", "hydra.")))
+    overrides = job_overrides(context["overrides"])  # resume=true is not part of a job's identity
+    run_name = ",".join(o for o in overrides if not o.startswith(("tracking.", "paths.", "hydra.")))
     run_name = run_name or "default"
     tags = {**host_tags(), **{f"axis.{k}": v for k, v in _axis_tags(cfg, backend).items()},
-            "diaropt.overrides": " ".join(context["overrides"]), "diaropt.job_num": str(context["job_num"])}
-    run = tracker.start_child(run_name, parent_id, tags)
+            "diaropt.overrides": " ".join(overrides), "diaropt.job_num": str(context["job_num"])}
+    meta = fallback_meta(tracking_uri, cfg.tracking.experiment_name, run_name, sweep_id, parent_tags)
+    if tracker is None:
+        run = start_fallback_run(fallback_root, run_name, tags, meta, unavailable)
+    else:
+        run = tracker.start_child(run_name, parent_id, tags)
+        run.client = StoreOrFiles(run.client, new_fallback_folder(fallback_root), meta)  # if the store fails mid-run
     restore = install_sigterm_handler(run)
     try:
         with run:
@@ -177,7 +194,7 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[s
         built = build_models(cfg)
         run.log_metrics({"time_build_s": time.perf_counter() - start, **built.graph_metrics()})
         run.log_params({f"weights_sha256.{k}": v for k, v in built.weights_sha256.items()})
-        for model in (built.segmentation, built.embedding):
+        for model in built.models():
             run.log_json(model.info, f"models/{model.kind}_info.json")
             if model.path is not None and (model.path.parent / "op_histogram.json").is_file():
                 run.log_file(model.path.parent / "op_histogram.json", f"models/{model.kind}")
@@ -245,8 +262,53 @@ def read_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
+def validate_sweep(config: DictConfig) -> int:
+    """Compose and range-check the config of every job of a basic sweep; returns the number of jobs.
+
+    Hydra checks keys and types of every job before launching; the range checks of
+    :func:`diaropt.config.validate` run here too, so ``-m segmentation.step_s=1,20`` fails before the
+    first job instead of after it. Sweeps this cannot expand (e.g. Optuna's search space) are left to
+    the per-job check.
+
+    Raises:
+        ValueError: a job's configuration is out of range (names the job's overrides and the key).
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        loader = GlobalHydra.instance().config_loader()
+    except Exception as error:  # noqa: BLE001 - not a basic sweep: each job validates itself
+        log.debug("sweep not expanded for validation: %s", error)
+        return 0
+    for overrides in jobs:
+        try:
+            job_cfg = loader.load_sweep_config(config, list(overrides))
+        except Exception as error:  # noqa: BLE001 - Hydra reports key/type errors itself
+            log.debug("job %s not composed for validation: %s", overrides, error)
+            continue
+        try:
+            validate(job_cfg)
+        except ValueError as error:
+            raise ValueError(f"job {' '.join(overrides)}: {error} (no job was started)") from None
+    return len(jobs)
+
+
 class SweepCallback(Callback):
-    """Closes a multirun: parent-run summary, one line of counts, non-zero exit if a job failed."""
+    """Closes a multirun: parent-run summary, one line of counts, non-zero exit if a job failed.
+
+    Before the first job it range-checks every job's configuration (:func:`validate_sweep`).
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            validate_sweep(config)
+        except ValueError as error:  # Hydra turns a callback's exception into a warning: exit instead
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
@@ -272,5 +334,11 @@ class SweepCallback(Callback):
                 reason = status.get("reason") or status.get("error")
                 print(f"  job {status['job_num']} {status['status']} ({' '.join(status['overrides'])}): {reason}",
                       flush=True)
+        from diaropt.tracking import FALLBACK_DIR, fallback_runs
+
+        kept = [f for f in fallback_runs([sweep_dir]) if not (f / "relogged.json").is_file()]
+        if kept:
+            print(f"  {len(kept)} run(s) could not reach the MLflow store and are kept in {FALLBACK_DIR}/ folders: "
+                  f"store them with `python -m diaropt.tracking relog {sweep_dir}`", flush=True)
         if counts["failed"]:
             sys.exit(1)

@@ -10,6 +10,10 @@ active-run stack), so several runs can be open in one process. The default store
 * MLflow sets ``PRAGMA busy_timeout = 20000`` per session, so concurrent writers normally just
   wait. "database is locked" still surfaces after 20 s of contention or when SQLite detects a
   lock-upgrade deadlock; writes here are retried a bounded number of times with backoff.
+
+A store that cannot be opened, or fails mid-run, loses nothing: the run is written to
+``<job output dir>/tracking_fallback/<run>/`` (:class:`FileClient`) and
+``python -m diaropt.tracking relog DIR [--tracking-uri URI]`` stores it later (:func:`relog`).
 """
 
 from __future__ import annotations
@@ -702,6 +706,11 @@ def install_sigterm_handler(run: JobRun) -> Callable[[], None]:
 # ----------------------------------------------------------------------------------------------
 
 
+def job_overrides(overrides: Iterable[str]) -> list[str]:
+    """The Hydra overrides that identify a job: all but ``resume=...`` (also ``+``/``++`` forms)."""
+    return [o for o in overrides if o.lstrip("+").split("=", 1)[0] != "resume"]
+
+
 def _safe_dir_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
 
@@ -840,10 +849,14 @@ class Tracker:
         return runs[0].info.run_id if runs else None
 
     def find_finished_child(self, parent_run_id: str, overrides: list[str]) -> str | None:
-        """A FINISHED, not skipped child with the same Hydra overrides (tag ``diaropt.overrides``)."""
-        wanted = " ".join(overrides)
+        """A FINISHED, not skipped child with the same Hydra overrides (tag ``diaropt.overrides``).
+
+        ``resume=...`` is not part of a job's identity: a sweep re-run with ``resume=true`` finds
+        the children of the interrupted run.
+        """
+        wanted = job_overrides(overrides)
         for run in self.children(parent_run_id):
-            if _outcome(run) == "finished" and run.data.tags.get(TAG_OVERRIDES) == wanted:
+            if _outcome(run) == "finished" and job_overrides(run.data.tags.get(TAG_OVERRIDES, "").split()) == wanted:
                 return run.info.run_id
         return None
 
@@ -1004,3 +1017,319 @@ class Tracker:
                     run.data.tags.get(TAG_PID), reason)
         retry_locked(self.client.set_tag, run.info.run_id, TAG_CLOSED_REASON, reason)
         retry_locked(self.client.set_terminated, run.info.run_id, "KILLED")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fallback folder: results of a job whose store is unavailable, and `relog` to store them later
+# ----------------------------------------------------------------------------------------------
+
+#: Sub-folder of a job's output dir holding the runs that could not be logged to the store.
+FALLBACK_DIR = "tracking_fallback"
+_FALLBACK_FORMAT = 1
+TAG_RELOGGED_FROM = "diaropt.relogged_from"
+_INPUT_ERROR_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                      "BAD_REQUEST"}
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_to_jsonable(obj), indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _safe_artifact_path(root: Path, relative: str | None) -> Path:
+    """``root / relative``, refusing paths that leave ``root`` (``..``, absolute paths)."""
+    target = (root / (relative or "")).resolve()
+    if target != root.resolve() and root.resolve() not in target.parents:
+        raise ValueError(f"artifact path {relative!r} leaves {root}")
+    return target
+
+
+class FileClient:
+    """The part of ``MlflowClient`` that ``JobRun`` uses, writing one run to a folder instead.
+
+    Layout: ``run.json`` (name, status, times, where it belongs: tracking URI, experiment, sweep,
+    the run it continues), ``params.json``, ``tags.json``, ``metrics.jsonl`` (key, value, timestamp,
+    step) and ``artifacts/``. ``python -m diaropt.tracking relog`` stores it in MLflow later.
+    """
+
+    def __init__(self, folder: Path, meta: Mapping[str, Any], known_params: Mapping[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.known_params = dict(known_params or {})  # logged to the store before the switch
+        (self.folder / "artifacts").mkdir(parents=True, exist_ok=True)
+        self.meta = {"format": _FALLBACK_FORMAT, "status": "RUNNING", "start_time_ms": int(time.time() * 1000),
+                     "end_time_ms": None, **meta}
+        self.params: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+        self._save()
+
+    def _save(self) -> None:
+        _write_json_atomic(self.folder / "run.json", self.meta)
+        _write_json_atomic(self.folder / "params.json", self.params)
+        _write_json_atomic(self.folder / "tags.json", self.tags)
+
+    def log_batch(self, run_id: str, metrics: Iterable[Metric] = (), params: Iterable[Param] = (),
+                  tags: Iterable[RunTag] = (), synchronous: bool | None = None) -> None:
+        params = list(params)
+        for param in params:
+            previous = self.params.get(param.key, self.known_params.get(param.key))
+            if previous is not None and previous != param.value:
+                raise ValueError(f"param {param.key!r} already logged as {previous!r}, cannot log {param.value!r}")
+        for param in params:
+            self.params[param.key] = param.value
+        self.tags.update({tag.key: tag.value for tag in tags})
+        metrics = list(metrics)
+        if metrics:
+            with open(self.folder / "metrics.jsonl", "a", encoding="utf-8") as f:
+                for metric in metrics:
+                    f.write(json.dumps({"key": metric.key, "value": metric.value, "timestamp": metric.timestamp,
+                                        "step": metric.step}) + "\n")
+        self._save()
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        path = _safe_artifact_path(self.folder / "artifacts", artifact_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        import shutil
+
+        folder = _safe_artifact_path(self.folder / "artifacts", artifact_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(local_path, folder / Path(local_path).name)
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
+        import shutil
+
+        shutil.copytree(local_dir, _safe_artifact_path(self.folder / "artifacts", artifact_path), dirs_exist_ok=True)
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str, **kwargs: Any) -> None:
+        path = _safe_artifact_path(self.folder / "artifacts", artifact_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+
+    def log_table(self, run_id: str, data: Any, artifact_file: str) -> None:
+        frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
+        self.log_text(run_id, frame.to_json(orient="split", index=False, date_format="iso"), artifact_file)
+        logged = json.loads(self.tags.get("mlflow.loggedArtifacts", "[]"))
+        if not any(item.get("path") == artifact_file for item in logged):
+            logged.append({"path": artifact_file, "type": "table"})
+        self.tags["mlflow.loggedArtifacts"] = json.dumps(logged)
+        self._save()
+
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[Any]:
+        from mlflow.entities import FileInfo
+
+        folder = _safe_artifact_path(self.folder / "artifacts", path)
+        if not folder.is_dir():
+            return []
+        root = self.folder / "artifacts"
+        return [FileInfo(p.relative_to(root).as_posix(), p.is_dir(), None if p.is_dir() else p.stat().st_size)
+                for p in sorted(folder.iterdir())]
+
+    def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
+        self.meta.update(status=status or "FINISHED", end_time_ms=end_time or int(time.time() * 1000))
+        self._save()
+
+    def get_run(self, run_id: str) -> Any:
+        from types import SimpleNamespace
+
+        info = SimpleNamespace(run_id=run_id, status=self.meta["status"],
+                               artifact_uri=(self.folder / "artifacts").resolve().as_uri())
+        return SimpleNamespace(info=info, data=SimpleNamespace(params=dict(self.params), tags=dict(self.tags),
+                                                               metrics={}))
+
+
+def _is_input_error(error: BaseException) -> bool:
+    """An error in what was logged (not in the store): raised, never sent to the fallback."""
+    if isinstance(error, MlflowException):
+        return error.error_code in _INPUT_ERROR_CODES and not is_locked_error(error)
+    return isinstance(error, (TypeError, ValueError, FileNotFoundError)) and not isinstance(error, sqlite3.Error)
+
+
+class StoreOrFiles:
+    """A run's client: the MLflow store while it works, the fallback folder from its first failure on.
+
+    Everything logged after the failure goes to the folder, marked as the continuation of the store's
+    run, so ``relog`` completes that run; nothing computed is lost.
+    """
+
+    def __init__(self, client: MlflowClient, folder: Path, meta: Mapping[str, Any]) -> None:
+        self.store = client
+        self.folder = Path(folder)
+        self.meta = dict(meta)
+        self.files: FileClient | None = None
+        self.stored_params: dict[str, str] = {}
+
+    def _call(self, name: str, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        if self.files is None:
+            try:
+                result = retry_locked(getattr(self.store, name), run_id, *args, **kwargs)
+                if name == "log_batch":
+                    self.stored_params.update({p.key: p.value for p in kwargs.get("params", ())})
+                return result
+            except Exception as error:
+                if _is_input_error(error):
+                    raise
+                log.error("MLflow store failed (%s: %s); run %s continues in %s (store it later with "
+                          "`python -m diaropt.tracking relog %s`)", type(error).__name__, str(error)[:300], run_id,
+                          self.folder, self.folder)
+                self.files = FileClient(self.folder, {**self.meta, "existing_run_id": run_id,
+                                                      "reason": f"{type(error).__name__}: {str(error)[:1000]}"},
+                                        known_params=self.stored_params)
+        return getattr(self.files, name)(run_id, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name in ("log_batch", "log_text", "log_artifact", "log_artifacts", "log_figure", "log_table",
+                    "list_artifacts", "set_terminated", "get_run"):
+            return functools.partial(self._call, name)
+        raise AttributeError(name)
+
+
+def fallback_meta(tracking_uri: str, experiment_name: str, run_name: str, sweep_id: str | None = None,
+                  parent_tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Where a fallback run belongs, for ``relog``."""
+    return {"tracking_uri": tracking_uri, "experiment_name": experiment_name, "run_name": run_name,
+            "sweep_id": sweep_id, "parent_tags": dict(parent_tags or {})}
+
+
+def new_fallback_folder(root: Path) -> Path:
+    """A new ``root/<time>-<pid>-<random>/`` for one run."""
+    import uuid
+
+    return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def start_fallback_run(root: Path, run_name: str, tags: Mapping[str, Any], meta: Mapping[str, Any],
+                       reason: str) -> JobRun:
+    """A ``JobRun`` written to a new folder under ``root`` (the store could not be opened)."""
+    folder = new_fallback_folder(root)
+    client = FileClient(folder, {**meta, "reason": reason, "existing_run_id": None})
+    run = JobRun(client, f"fallback-{folder.name}", run_name)  # type: ignore[arg-type]
+    run.set_tags({**tags, **_process_tags()})
+    return run
+
+
+def fallback_runs(paths: Iterable[Path]) -> list[Path]:
+    """The fallback run folders (holding ``run.json``) under ``paths``, oldest first."""
+    found: set[Path] = set()
+    for path in paths:
+        path = Path(path)
+        if (path / "run.json").is_file():
+            found.add(path)
+        if path.name == FALLBACK_DIR:
+            found.update(p.parent for p in path.glob("*/run.json"))
+        found.update(p.parent for p in path.rglob(f"{FALLBACK_DIR}/*/run.json"))
+    return sorted(found, key=lambda p: (json.loads((p / "run.json").read_text()).get("start_time_ms") or 0, str(p)))
+
+
+def relog(folder: Path, tracking_uri: str | None = None, experiment_name: str | None = None) -> str | None:
+    """Store one fallback run folder in MLflow; returns the run id (None if it was relogged before).
+
+    The run continues its store run (if it had one and that run exists) or is created, under its
+    sweep's parent (found by sweep id, or created and ended FINISHED). Params already in the run with
+    the same value are skipped. Writes ``relogged.json``, so running it twice stores nothing twice.
+    """
+    folder = Path(folder)
+    done = folder / "relogged.json"
+    if done.is_file():
+        log.info("%s: already relogged as run %s", folder, json.loads(done.read_text())["run_id"])
+        return None
+    meta = json.loads((folder / "run.json").read_text())
+    params = json.loads((folder / "params.json").read_text())
+    tags = json.loads((folder / "tags.json").read_text())
+    metrics = []
+    if (folder / "metrics.jsonl").is_file():
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    uri = tracking_uri or meta["tracking_uri"]
+    tracker = Tracker(uri, experiment_name or meta["experiment_name"])
+    client = tracker.client
+    run_id = meta.get("existing_run_id")
+    if run_id:
+        try:
+            existing = retry_locked(client.get_run, run_id)
+        except MlflowException:
+            existing = None
+        run_id = run_id if existing is not None else None
+    if run_id is None:
+        parent_id = None
+        if meta.get("sweep_id"):
+            parent_id = tracker.find_parent(meta["sweep_id"])
+            if parent_id is None:
+                parent_id = tracker.get_or_create_parent(meta["sweep_id"], meta.get("parent_tags") or {})
+                tracker.finish_parent(parent_id, "FINISHED")
+        all_tags = {**tags, TAG_RELOGGED_FROM: str(folder.resolve()),
+                    TAG_ROLE: "child" if parent_id else tags.get(TAG_ROLE, "single")}
+        if parent_id:
+            all_tags[TAG_PARENT] = parent_id
+        run = retry_locked(client.create_run, tracker.experiment_id, start_time=meta.get("start_time_ms"),
+                           tags=_str_tags(all_tags), run_name=meta.get("run_name"))
+        run_id = run.info.run_id
+        existing_params: dict[str, str] = {}
+    else:
+        existing_params = dict(retry_locked(client.get_run, run_id).data.params)
+        retry_locked(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in
+                                                     _str_tags({**tags, TAG_RELOGGED_FROM: str(folder.resolve())}).items()])
+    new_params = [Param(k, v) for k, v in params.items() if existing_params.get(k) != v]
+    for chunk in _chunks(new_params, _PARAMS_TAGS_PER_BATCH):
+        retry_locked(client.log_batch, run_id, params=chunk)
+    items = [Metric(m["key"], float(m["value"]), int(m["timestamp"]), int(m["step"])) for m in metrics]
+    for chunk in _chunks(items, _METRICS_PER_BATCH):
+        retry_locked(client.log_batch, run_id, metrics=chunk)
+    artifacts = folder / "artifacts"
+    if artifacts.is_dir() and any(artifacts.iterdir()):
+        retry_locked(client.log_artifacts, run_id, str(artifacts))
+    status = meta.get("status") or "FAILED"
+    if status == "RUNNING":  # the job died before ending its run
+        status = "KILLED"
+    retry_locked(client.set_terminated, run_id, status, meta.get("end_time_ms"))
+    _write_json_atomic(done, {"run_id": run_id, "tracking_uri": uri, "time_ms": int(time.time() * 1000)})
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diaropt.tracking relog DIR... [--tracking-uri URI] [--experiment NAME]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m diaropt.tracking",
+                                     description="Store results kept in tracking_fallback/ folders in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    relog_parser = sub.add_parser("relog", help="log fallback run folders (searched recursively) to MLflow")
+    relog_parser.add_argument("paths", nargs="+", type=Path)
+    relog_parser.add_argument("--tracking-uri", default=None, help="default: the URI each run was meant for")
+    relog_parser.add_argument("--experiment", default=None, help="default: the experiment each run was meant for")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    folders = fallback_runs(args.paths)
+    if not folders:
+        print(f"no fallback run under {', '.join(map(str, args.paths))}", file=sys.stderr)
+        return 1
+    failures = 0
+    sweeps: set[tuple[str, str, str]] = set()  # (tracking URI, experiment, sweep id) to summarise again
+    for folder in folders:
+        try:
+            run_id = relog(folder, args.tracking_uri, args.experiment)
+        except (TrackingUnavailable, MlflowException, OSError, ValueError, KeyError) as error:
+            print(f"{folder}: not relogged: {error}", file=sys.stderr)
+            failures += 1
+            continue
+        print(f"{folder}: {'already relogged' if run_id is None else f'run {run_id}'}")
+        meta = json.loads((folder / "run.json").read_text())
+        if run_id is not None and meta.get("sweep_id"):
+            sweeps.add((args.tracking_uri or meta["tracking_uri"], args.experiment or meta["experiment_name"],
+                        meta["sweep_id"]))
+    for uri, experiment, sweep_id in sorted(sweeps):
+        from diaropt.sweep import SUMMARY_METRICS, SUMMARY_PARAMS
+
+        try:
+            tracker = Tracker(uri, experiment)
+            parent_id = tracker.find_parent(sweep_id)
+            if parent_id is not None:
+                tracker.summarize_parent(parent_id, SUMMARY_METRICS, SUMMARY_PARAMS)
+        except Exception as error:  # noqa: BLE001 - the runs are stored; the summary is a convenience
+            print(f"sweep {sweep_id}: parent summary not updated: {error}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

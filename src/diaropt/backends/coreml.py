@@ -90,19 +90,27 @@ def _operations(block) -> list:
     return found
 
 
+def _program_specs(spec) -> list:
+    """The ML program specs of a model: itself, or every model of a pipeline (recursively)."""
+    if spec.WhichOneof("Type") == "pipeline":
+        return [inner for model in spec.pipeline.models for inner in _program_specs(model)]
+    return [spec]
+
+
 def op_histogram(path: Path, include_const: bool = False) -> dict[str, int]:
     """Op type -> count for a saved ``.mlpackage`` (from its spec) or a compiled ``.mlmodelc``
-    (from its ``model.mil`` text). Consts are left out unless asked for."""
+    (from its ``model.mil`` text); a pipeline counts the ops of all its models. Consts are left out
+    unless asked for."""
     path = Path(path)
     counts: collections.Counter[str] = collections.Counter()
     if path.suffix == ".mlmodelc":
         text = (path / "model.mil").read_text()
         counts.update(re.findall(r"=\s*([a-z_0-9]+)\s*\(", text))
     else:
-        spec = load_spec(path)
-        for function in spec.mlProgram.functions.values():
-            for block in function.block_specializations.values():
-                counts.update(op.type for op in _operations(block))
+        for spec in _program_specs(load_spec(path)):
+            for function in spec.mlProgram.functions.values():
+                for block in function.block_specializations.values():
+                    counts.update(op.type for op in _operations(block))
     if not include_const:
         counts.pop("const", None)
     return dict(sorted(counts.items()))

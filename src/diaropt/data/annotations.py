@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from pyannote.core import Annotation, Segment, Timeline
+from pyannote.core.segment import SEGMENT_PRECISION
 
 __all__ = [
     "DataError",
@@ -56,6 +57,8 @@ _OTHER_RTTM_TYPES = frozenset(
 )
 _RTTM_NUM_FIELDS = (9, 10)
 _UEM_NUM_FIELDS = 4
+#: Times beyond this (about 31 years) are refused: nonsense, and beyond what pyannote can print.
+MAX_SECONDS = 1e9
 
 
 class DataError(ValueError):
@@ -84,6 +87,8 @@ def _parse_seconds(value: str, what: str, path: Path, line_number: int) -> float
         raise DataError(f"{path}:{line_number}: {what} {value!r} is not a number") from None
     if not math.isfinite(seconds):
         raise DataError(f"{path}:{line_number}: {what} {value!r} is not finite")
+    if abs(seconds) > MAX_SECONDS:
+        raise DataError(f"{path}:{line_number}: {what} {value!r} is out of range (more than {MAX_SECONDS:g} s)")
     return seconds
 
 
@@ -128,6 +133,11 @@ def load_rttm(path: str | Path, *, allow_empty: bool = False) -> dict[str, Annot
         if duration_s <= 0.0:
             raise DataError(
                 f"{path}:{line_number}: duration must be positive, got {duration_s} s"
+            )
+        if duration_s < SEGMENT_PRECISION:  # pyannote would drop the turn silently
+            raise DataError(
+                f"{path}:{line_number}: duration {duration_s} s is below pyannote's "
+                f"{SEGMENT_PRECISION} s precision"
             )
         annotation = annotations.setdefault(uri, Annotation(uri=uri))
         # the line number is a unique track name, so repeated turns are kept, not merged
@@ -184,9 +194,10 @@ def load_uem(path: str | Path) -> dict[str, Timeline]:
         end_s = _parse_seconds(fields[3], "end", path, line_number)
         if start_s < 0.0:
             raise DataError(f"{path}:{line_number}: negative start {start_s} s")
-        if end_s <= start_s:
+        if end_s - start_s < SEGMENT_PRECISION:
             raise DataError(
                 f"{path}:{line_number}: end {end_s} s must be greater than start {start_s} s"
+                + (f" (by at least {SEGMENT_PRECISION} s)" if end_s > start_s else "")
             )
         segments_by_uri.setdefault(uri, []).append((Segment(start_s, end_s), line_number))
     if not segments_by_uri:
@@ -198,8 +209,8 @@ def load_uem(path: str | Path) -> dict[str, Timeline]:
         for (previous, previous_line), (current, current_line) in zip(ordered, ordered[1:]):
             if current.start < previous.end:
                 raise DataError(
-                    f"{path}:{current_line}: region {current} of uri {uri!r} overlaps "
-                    f"region {previous} of line {previous_line}"
+                    f"{path}:{current_line}: region [{current.start}, {current.end}] s of uri {uri!r} "
+                    f"overlaps region [{previous.start}, {previous.end}] s of line {previous_line}"
                 )
         timelines[uri] = Timeline(segments=[segment for segment, _ in ordered], uri=uri)
     return timelines

@@ -67,6 +67,7 @@ __all__ = [
     "DATASET_NAMES",
     "Dataset",
     "DatasetItem",
+    "check_uri",
     "list_audio_files",
     "load_dataset",
     "make_synthetic_conversation",
@@ -87,6 +88,19 @@ AMI_DEBUG_URIS = (
 SAMPLE_URI = "sample"
 
 
+def check_uri(uri: str, source: str | Path) -> str:
+    """``uri`` if it can name output files (``<dir>/<uri>.rttm``) without leaving ``<dir>``.
+
+    Raises:
+        DataError: an empty uri, ``.``/``..``, a path separator, whitespace or a control character.
+    """
+    if (not isinstance(uri, str) or not uri or uri in (".", "..")
+            or any(c in "/\\" or c.isspace() or not c.isprintable() for c in uri)):
+        raise DataError(f"{source}: uri {uri!r} cannot name an output file "
+                        "(empty, '.', '..', a path separator, whitespace or a control character)")
+    return uri
+
+
 @dataclass(frozen=True)
 class DatasetItem:
     """One evaluation file.
@@ -104,6 +118,7 @@ class DatasetItem:
     uem: Timeline | None = None
 
     def __post_init__(self) -> None:
+        check_uri(self.uri, self.audio_path)
         if self.reference.uri is not None and self.reference.uri != self.uri:
             raise DataError(
                 f"{self.audio_path}: reference uri {self.reference.uri!r} != item uri {self.uri!r}"

@@ -5,7 +5,11 @@ networks. The key hashes the audio samples, the models' identity (content keys o
 or weights sha256 for torch) and every parameter that changes those arrays (step, batching does
 not, masks do). Timings of a job that hit the cache are not comparable: it is tagged as such.
 Entries are ``.npz`` files written to a temporary name and renamed, so a reader never sees a
-partial one; an unreadable entry is deleted and recomputed.
+partial one; each holds a sha256 of its arrays (``__sha256__``), and an entry that is unreadable,
+lacks it or does not match it is deleted and recomputed.
+
+:func:`write_manifest` / :func:`verify_manifest` do the same for cache folders (built models): a
+``manifest.json`` of every file's sha256, checked on each hit.
 """
 
 from __future__ import annotations
@@ -14,11 +18,58 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_CHECKSUM = "__sha256__"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict[str, str]:
+    """Write ``folder/manifest.json``: relative path -> sha256 of every file (written last)."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): _file_sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True))
+    return files
+
+
+def verify_manifest(folder: Path) -> list[str]:
+    """Problems of a cache folder against its manifest (empty: intact)."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return [f"{MANIFEST} (missing or unreadable)"]
+    bad = []
+    for relative, sha256 in files.items():
+        path = folder / relative
+        if not path.is_file():
+            bad.append(f"{relative} (missing)")
+        elif _file_sha256(path) != sha256:
+            bad.append(f"{relative} (sha256 mismatch)")
+    return bad
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 class ArrayCache:
@@ -39,10 +90,13 @@ class ArrayCache:
             self.misses += 1
             return None
         try:
-            with np.load(path) as stored:
+            with np.load(path, allow_pickle=False) as stored:
                 arrays = {name: stored[name] for name in stored.files}
-        except (OSError, ValueError) as error:  # corrupt or partial: recompute
-            log.warning("array cache entry %s is unreadable (%s); recomputing", path, error)
+            checksum = str(arrays.pop(_CHECKSUM, ""))
+            if checksum != _arrays_sha256(arrays):
+                raise ValueError("content does not match its sha256")
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:  # corrupt: recompute
+            log.warning("array cache entry %s is unusable (%s); recomputing", path, error)
             path.unlink(missing_ok=True)
             self.misses += 1
             return None
@@ -52,5 +106,5 @@ class ArrayCache:
     def save(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{key}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **arrays)
+        np.savez(tmp, **arrays, **{_CHECKSUM: np.array(_arrays_sha256(arrays))})
         os.replace(tmp, self.root / f"{key}.npz")

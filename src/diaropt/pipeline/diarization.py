@@ -12,6 +12,13 @@ T output frames on the 16.875 ms grid of the whole file):
 | embedding      | embeddings (C, L, D), NaN = skipped      |
 | clustering     | hard_clusters (C, L) int8, -2 = skipped  |
 | postprocess    | count (T,), discrete (T, K) -> Annotation |
+
+Fused models (``variants.fusion``) move work between stages without changing these arrays: a
+segmentation model may also output ``segmentations``/``masks``/``active`` (preprocessing is then
+only a type conversion), a ``preprocessor_model`` may replace the numpy preprocessing, the
+embedding model may embed per chunk and add ``unit_embeddings`` (what clustering then consumes)
+and ``distances`` (C, L, L), and under ``fusion.coreml_pipeline`` the segmentation model is the
+whole chain and outputs the embeddings too (timed as segmentation; embedding is then ~0).
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ from diaropt.pipeline import preprocessing, reconstruction
 from diaropt.pipeline.cache import ArrayCache
 from diaropt.pipeline.audio import SAMPLE_RATE_HZ, chunk_starts, load_audio
 from diaropt.pipeline.clustering import BaseClustering
-from diaropt.pipeline.embedding import embed
-from diaropt.pipeline.segmentation import segment
+from diaropt.pipeline.embedding import embed_outputs, mask_inactive
+from diaropt.pipeline.segmentation import run_batched_all, segment_outputs
 from diaropt.pipeline.timing import StageTimer
 
 
@@ -70,9 +77,11 @@ class DiarizationPipeline:
 
     def __init__(self, segmentation_model: RunnableModel, embedding_model: RunnableModel, embedding_dim: int,
                  clustering: BaseClustering, params: PipelineParams = PipelineParams(),
-                 progress: Callable[[str, int, int], None] | None = None) -> None:
+                 progress: Callable[[str, int, int], None] | None = None,
+                 preprocessor_model: RunnableModel | None = None) -> None:
         self.segmentation_model = segmentation_model
         self.embedding_model = embedding_model
+        self.preprocessor_model = preprocessor_model  # fusion.clean_frames_in_graph as its own model
         self.embedding_dim = embedding_dim
         self.clustering = clustering
         self.params = params
@@ -84,17 +93,52 @@ class DiarizationPipeline:
             raise ValueError(f"segmentation step {params.step_s} s must be in (0, {CHUNK_DURATION_S}] s")
 
     def sync(self) -> None:
-        self.segmentation_model.sync()
-        self.embedding_model.sync()
+        for model in (self.segmentation_model, self.embedding_model, self.preprocessor_model):
+            if model is not None:
+                model.sync()
+
+    @property
+    def chained(self) -> bool:
+        """True when the segmentation model is the whole chain (it outputs the embeddings)."""
+        return any(spec.name == "embeddings" for spec in self.segmentation_model.outputs)
 
     def warm_up(self, timer: StageTimer) -> None:
-        """One silent chunk through both models (first-call allocations, lazy compilation)."""
+        """One silent chunk through every model (first-call allocations, lazy compilation)."""
         with timer.stage("warmup"):
             silence = np.zeros(self.chunk_samples, dtype=np.float32)
             starts = np.zeros(1, dtype=np.int64)
-            segment(self.segmentation_model, silence, starts, self.chunk_samples, 1)
-            embed(self.embedding_model, silence, starts, self.chunk_samples, np.ones((1, 589, 3), np.float32),
-                  np.array([[True, False, False]]), 1, self.embedding_dim)
+            outputs = self._segment(silence, starts, lambda n: None)
+            self._preprocess(outputs)
+            if not self.chained:
+                embed_outputs(self.embedding_model, silence, starts, self.chunk_samples,
+                              np.ones((1, 589, 3), np.float32), np.array([[True, False, False]]), 1,
+                              self.embedding_dim)
+
+    def _segment(self, audio: np.ndarray, starts: np.ndarray, on_batch: Callable[[int], None]) -> dict[str, np.ndarray]:
+        return segment_outputs(self.segmentation_model, audio, starts, self.chunk_samples,
+                               self.params.segmentation_batch_size, on_batch=on_batch)
+
+    def _preprocess(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(segmentations (C, F, L) float32, masks (C, F, L) float32, active (C, L) bool) from the
+        segmentation outputs: taken from a fused model, run by the preprocessor model, or numpy."""
+        params = self.params
+        if "masks" not in outputs and self.preprocessor_model is not None:
+            logprobs = outputs["logprobs"]
+            batch = params.segmentation_batch_size
+            parts = [run_batched_all(self.preprocessor_model, {"logprobs": logprobs[i: i + batch]})
+                     for i in range(0, len(logprobs), batch)]
+            outputs = {**outputs, **{name: np.concatenate([p[name] for p in parts])
+                                     for name in ("segmentations", "masks", "active")}}
+        if "masks" in outputs:
+            return (outputs["segmentations"].astype(np.float32, copy=False),
+                    outputs["masks"].astype(np.float32, copy=False), outputs["active"] > 0.5)
+        if "segmentations" in outputs:
+            segmentations = outputs["segmentations"].astype(np.float32, copy=False)
+        else:
+            segmentations = preprocessing.powerset_to_multilabel(outputs["logprobs"])  # (C, F, L)
+        masks = preprocessing.embedding_masks(segmentations, params.min_num_clean_frames)
+        active = preprocessing.active_local_speakers(segmentations, params.min_active_frames)  # (C, L)
+        return segmentations, masks, active
 
     def __call__(self, audio: str | Path | np.ndarray, uri: str | None = None, keep_arrays: bool = False,
                  timer: StageTimer | None = None) -> DiarizationOutput:
@@ -112,34 +156,40 @@ class DiarizationPipeline:
 
         cache_key = self.array_cache.key(audio) if self.array_cache is not None else None
         cached = self.array_cache.load(cache_key) if cache_key is not None else None
+        if cached is not None and self.chained and "embeddings" not in cached:
+            cached = None  # saved by an unchained job: the chain computes everything at once
+        embedding_names = ("embeddings", "unit_embeddings", "distances")
 
         with timer.stage("segmentation"):
             if cached is not None:
-                logprobs = cached["logprobs"]
+                outputs = {k: v for k, v in cached.items() if k not in embedding_names or self.chained}
             else:
-                logprobs = segment(self.segmentation_model, audio, starts, self.chunk_samples,
-                                   params.segmentation_batch_size,
-                                   on_batch=lambda n: self.progress("segmentation", n, num_chunks))
+                outputs = self._segment(audio, starts, lambda n: self.progress("segmentation", n, num_chunks))
+        logprobs = outputs["logprobs"]
 
         with timer.stage("preprocessing"):
-            segmentations = preprocessing.powerset_to_multilabel(logprobs)  # (C, F, L)
-            masks = preprocessing.embedding_masks(segmentations, params.min_num_clean_frames)
-            active = preprocessing.active_local_speakers(segmentations, params.min_active_frames)  # (C, L)
+            segmentations, masks, active = self._preprocess(outputs)
         num_active = int(active.sum())
 
         with timer.stage("embedding"):
-            if cached is not None:
-                embeddings = cached["embeddings"]
+            if self.chained:  # computed for every slot by the chain (fixed shapes): inactive ones -> NaN
+                embedded = mask_inactive({k: np.array(outputs[k], dtype=np.float32) for k in embedding_names
+                                          if k in outputs}, active)
+            elif cached is not None:
+                embedded = {k: cached[k] for k in embedding_names if k in cached}
             else:
-                embeddings = embed(self.embedding_model, audio, starts, self.chunk_samples, masks, active,
-                                   params.embedding_batch_size, self.embedding_dim,
-                                   on_batch=lambda n: self.progress("embedding", n, num_active))
+                embedded = embed_outputs(self.embedding_model, audio, starts, self.chunk_samples, masks, active,
+                                         params.embedding_batch_size, self.embedding_dim,
+                                         on_batch=lambda n: self.progress("embedding", n, num_active))
+        embeddings = embedded["embeddings"]
         if cache_key is not None and cached is None:
-            self.array_cache.save(cache_key, {"logprobs": logprobs, "embeddings": embeddings})
+            self.array_cache.save(cache_key, {**outputs, **embedded})
 
         with timer.stage("clustering"):
-            result = self.clustering(embeddings, segmentations, num_speakers=params.num_speakers,
-                                     min_speakers=params.min_speakers, max_speakers=params.max_speakers)
+            # embedding_with_post: the model's L2-normalized embeddings (clustering normalizes anyway)
+            result = self.clustering(embedded.get("unit_embeddings", embeddings), segmentations,
+                                     num_speakers=params.num_speakers, min_speakers=params.min_speakers,
+                                     max_speakers=params.max_speakers)
 
         with timer.stage("postprocess"):
             frames = preprocessing.SEGMENTATION_FRAMES
@@ -154,6 +204,7 @@ class DiarizationPipeline:
         arrays = {}
         if keep_arrays:
             arrays = dict(logprobs=logprobs, segmentations=segmentations, embeddings=embeddings,
-                          hard_clusters=result.hard_clusters, count=count)
+                          hard_clusters=result.hard_clusters, count=count, masks=masks, active=active)
+            arrays.update({k: v for k, v in embedded.items() if k != "embeddings"})
         return DiarizationOutput(uri, annotation, duration_s, timer, num_chunks, num_active, result.num_clusters,
                                  arrays)

