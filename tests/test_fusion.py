@@ -307,12 +307,16 @@ def test_onnxruntime_fusion_leaves_outputs_unchanged(variant, short_audio, ort_r
         assert hist["embedding"]["ReduceMax"] > base_hist["embedding"].get("ReduceMax", 0)  # L2 normalization
     if variant in ("fbank_separate", "all_on_chain"):
         assert "fbank" in models
+    if variant == "fbank_separate":  # (all_on_chain adds the shared trunk's and the post ops back)
         assert models["embedding"].info["onnx_ops"] < base["embedding"].info["onnx_ops"]
         assert models["fbank"].info["onnx_ops"] + models["embedding"].info["onnx_ops"] >= base["embedding"].info["onnx_ops"]
     if variant in ("shared_trunk_post", "all_on_chain"):
         assert hist["embedding"].get("Expand", 0) > base_hist["embedding"].get("Expand", 0)
-    if variant == "chain_unshared":  # the network once per slot (3 copies of its convs), the fbank's conv once
-        assert hist["embedding"]["Conv"] == 3 * base_hist["embedding"]["Conv"] - 2
+    if variant == "chain_unshared":
+        # traced per slot, but the ONNX exporter's common-subexpression pass merges the three copies of the
+        # mask-independent trunk: only the layers after pooling stay per slot (so on ONNX Runtime this
+        # variant computes the trunk once, like shared_trunk; Core ML keeps what the trace gives it)
+        assert base_hist["embedding"]["Conv"] < hist["embedding"]["Conv"] < 3 * base_hist["embedding"]["Conv"] - 2
     if variant in ("all_on_chain", "chain_unshared"):
         assert built.segmentation.kind == "pipeline"
 
