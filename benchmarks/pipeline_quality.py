@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from common import git_commit
 from diaropt.config import REPO_ROOT, compose, to_container
 from diaropt.pipeline.timing import StageTimer
 from diaropt.runner import dataset_from_config, load_pipeline, run_dataset
@@ -28,17 +28,6 @@ CONFIGURATIONS = {
     "torch_fp32_reference": ["backend=torch"],
     "default": [],
 }
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

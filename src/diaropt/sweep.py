@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diaropt.config import REPO_ROOT, to_container, validate
 
