@@ -47,7 +47,7 @@ def network_flops(frame_extraction: str, embedding_name: str, embedding_batch: i
     from torch.utils.flop_counter import FlopCounterMode
 
     from diaropt.models.embedding import load_embedding_model, load_segmentation_model
-    from diaropt.variants.build import CHUNK_SAMPLES, NUM_FRAMES
+    from diaropt.variants.fusion import CHUNK_SAMPLES, NUM_FRAMES
 
     segmentation, _ = load_segmentation_model()
     embedding, _ = load_embedding_model(embedding_name, frame_extraction=frame_extraction)
@@ -162,10 +162,10 @@ def main() -> None:
     # On a shared machine the wall-clock stage times include waiting for a core; FLOPs per CPU-second
     # (all threads, spinning included) against the per-thread peak is the contention-robust view.
     threads = max(1, peak_before["torch_threads"])
-    network_flops = sum(s["gflop_total"] for s in stages.values())
+    total_network_gflop = sum(s["gflop_total"] for s in stages.values())
     cpu_view = {"process_cpu_s": cpu_s, "wall_s": wall_s, "cpu_utilisation": cpu_s / wall_s,
-                "network_gflop_per_cpu_s": network_flops / cpu_s, "peak_gflops_per_thread": peak / threads,
-                "fraction_of_per_thread_peak": network_flops / cpu_s / (peak / threads)}
+                "network_gflop_per_cpu_s": total_network_gflop / cpu_s, "peak_gflops_per_thread": peak / threads,
+                "fraction_of_per_thread_peak": total_network_gflop / cpu_s / (peak / threads)}
     results["cpu_time_view"] = cpu_view
     print(f"CPU-time view: {cpu_s:.0f} CPU-s over {wall_s:.0f} s wall; {cpu_view['network_gflop_per_cpu_s']:.1f} GFLOP "
           f"per CPU-s = {100 * cpu_view['fraction_of_per_thread_peak']:.1f} % of the per-thread peak", flush=True)

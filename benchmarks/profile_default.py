@@ -161,7 +161,8 @@ def onnxruntime_op_profile(length_min: float, batches: int = 3) -> dict[str, Any
     from diaropt.config import compose
     from diaropt.data.long_form import load_ami_long_form
     from diaropt.pipeline.audio import load_audio, make_chunks
-    from diaropt.variants.build import CHUNK_SAMPLES, NUM_FRAMES, build_models
+    from diaropt.variants.build import build_models
+    from diaropt.variants.fusion import CHUNK_SAMPLES, NUM_FRAMES
 
     cfg = compose(["tracking.enabled=false"])
     built = build_models(cfg)

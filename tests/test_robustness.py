@@ -748,7 +748,8 @@ from diaropt.config import compose
 from diaropt.pipeline.audio import chunk_starts, load_audio
 from diaropt.pipeline.segmentation import segment
 from diaropt.sweep import PeakMemory
-from diaropt.variants.build import CHUNK_SAMPLES, build_models
+from diaropt.variants.build import build_models
+from diaropt.variants.fusion import CHUNK_SAMPLES
 
 cfg = compose(["segmentation.batch_size=32"])
 model = build_models(cfg).segmentation.load()

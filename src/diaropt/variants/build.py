@@ -28,12 +28,10 @@ from filelock import FileLock
 from omegaconf import DictConfig
 
 from diaropt.backends.base import BackendUnavailable, RunnableModel, TensorSpec, is_macos
-from diaropt.models.segmentation import CHUNK_DURATION_S, SAMPLE_RATE_HZ, PyanNet
+from diaropt.variants import fusion
 
 log = logging.getLogger(__name__)
 
-CHUNK_SAMPLES = int(CHUNK_DURATION_S * SAMPLE_RATE_HZ)
-NUM_FRAMES = PyanNet.num_output_frames(CHUNK_SAMPLES)
 
 
 @dataclass
@@ -168,7 +166,6 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
     ``fusion.coreml_pipeline`` their chain (``BuiltModels.segmentation`` is then the chain).
     """
     from diaropt.assets import default_cache_dir
-    from diaropt.variants import fusion
 
     backend = resolve_backend(_value(cfg.backend.name))
     compute_unit = _value(cfg.compute_unit.name)
@@ -225,7 +222,6 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
 
 def _chain_model(backend: str, stages: list[BuiltModel], cache_root: Path, compute_unit: str) -> BuiltModel:
     """The stages as one model: a Core ML pipeline package, or a ``ChainedModel`` of the loaded stages."""
-    from diaropt.variants import fusion
 
     info: dict[str, Any] = {"stages": [s.kind for s in stages], "fusion_coreml_pipeline": 1,
                             "fusion": ["coreml_pipeline"]}
