@@ -11,8 +11,8 @@ Recordings (built reproducibly, cached under the diaropt cache dir):
   reason printed, if that folder is absent.
 
 Configurations, all loaded once in this one process: ``seed_baseline`` (``experiment=seed_baseline``:
-per-frame extraction, fp32), the candidates (default, ``quant=int8``, ``embedding.batch_size=64``) and
-the "recommended" one: ``--recommended``, else the latest ``outputs/reports/*/`` preset, else the
+per-frame extraction, fp32, the first batch sizes), the candidates (default, ``embedding.shared_trunk``)
+and the "recommended" one: ``--recommended``, else the report's preset (:func:`report_preset`), else the
 fastest candidate whose DER on ``ami`` is within ``--der-tolerance-pts`` of seed_baseline's. Repeats
 are interleaved (round r runs every configuration once, in a rotated order) so that load from other
 processes hits all configurations alike; speedups are per-round ratios to seed_baseline (median,
@@ -38,7 +38,8 @@ from diaropt.variants.build import _value
 
 BASELINE = "seed_baseline"
 BASELINE_OVERRIDES = ["experiment=seed_baseline"]
-CANDIDATES = {"default": [], "int8": ["quant=int8"], "emb_batch64": ["embedding.batch_size=64"]}
+# the exact optimization alone (outputs unchanged), to separate it from the recommended preset's other axes
+CANDIDATES = {"default": [], "shared_trunk": ["embedding.shared_trunk=true"]}
 DEFAULT_SOURCE_DIR = REPO_ROOT.parent / "shared" / "data" / "librispeech_test-other"
 TIMING_KEYS = [f"time_{stage}_s" for stage in STAGES] + ["time_total_s", "rtfx"]
 SCORE_KEYS = ("der_pyannote", "der_fluidaudio", "jer_pyannote", "missed_pyannote",
@@ -46,11 +47,18 @@ SCORE_KEYS = ("der_pyannote", "der_fluidaudio", "jer_pyannote", "missed_pyannote
 
 
 def report_preset() -> tuple[list[str], str] | None:
-    """Overrides of the latest ``outputs/reports/*/`` preset (``experiments/report.py`` writes
-    ``conf/experiment/recommended_<id>.yaml`` there: ``override /group: option`` defaults and plain
-    keys; a JSON file with an ``overrides`` list also works), with its path."""
+    """Overrides of the report's recommended configuration, with where they came from: the newest
+    preset installed in ``conf/experiment/recommended_*.yaml`` (``experiments/report.py
+    --install-preset``; committed, so a clone benchmarks what the team reviewed), else the latest
+    ``outputs/reports/*/`` preset (``override /group: option`` defaults and plain keys; a JSON file
+    with an ``overrides`` list also works)."""
     from omegaconf import OmegaConf
 
+    from diaropt.config import CONF_DIR
+
+    installed = sorted((CONF_DIR / "experiment").glob("recommended_*.yaml"), key=lambda p: p.stat().st_mtime)
+    if installed:
+        return [f"experiment={installed[-1].stem}"], str(installed[-1].relative_to(REPO_ROOT))
     reports = sorted((p for p in (REPO_ROOT / "outputs" / "reports").glob("*/") if p.is_dir()),
                      key=lambda p: p.stat().st_mtime)
     for folder in reversed(reports):

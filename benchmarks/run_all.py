@@ -33,7 +33,8 @@ def main() -> int:
                 "compute_limit": ["--length-min", "0.5", "--matmul-repeats", "2", "--out",
                                   str(quick_dir / "compute_limit.json"), "--no-mlflow"]}
     else:
-        jobs = {"long_form": ["--repeats", str(args.repeats), "--max-wall-min", "40"], "scaling": [],
+        jobs = {"long_form": ["--repeats", str(args.repeats), "--max-wall-min", "75", "--synthetic-configs", "core"],
+                "scaling": [],
                 "compute_limit": [], "profile_default": []}
     failed = []
     for name, extra in jobs.items():

@@ -129,16 +129,17 @@ def fit(lengths: np.ndarray, values: np.ndarray) -> dict[str, Any]:
 
 
 def kept_arrays_bytes(num_chunks: int, num_clusters: int, duration_s: float) -> dict[str, int]:
-    """Bytes of the per-file arrays the pipeline holds (from its array contracts)."""
+    """Bytes of the per-file arrays the pipeline holds (from its array contracts). Reconstruction
+    sums each chunk's cluster activations straight into the output grid: no (C, F, K) array."""
     frames, local, samples = 589, 3, int(duration_s * 16000)
     output_frames = int(duration_s / 0.016875) + frames
+    clusters = max(num_clusters, 1)
     return {"audio_float32": 4 * samples,
             "logprobs_float32 (C,589,7)": 4 * num_chunks * frames * 7,
             "segmentations_float32 (C,589,3)": 4 * num_chunks * frames * local,
             "masks_float32 (C,589,3)": 4 * num_chunks * frames * local,
-            "segmentations_float64 copy in reconstruction (C,589,3)": 8 * num_chunks * frames * local,
-            "cluster_activations_float64 (C,589,K)": 8 * num_chunks * frames * max(num_clusters, 1),
-            "output_frames (T,K) float64": 8 * output_frames * max(num_clusters, 1)}
+            "summed cluster activations (T,K) float64": 8 * output_frames * clusters,
+            "top-count ranks (T,K) int64 x2": 16 * output_frames * clusters}
 
 
 def main() -> None:

@@ -62,6 +62,26 @@ def test_reconstruct_zero_activation_policy() -> None:
     np.testing.assert_array_equal(loose, [[1, 1], [0, 0]])
 
 
+def test_streamed_cluster_sum_equals_overlap_add_of_cluster_activations() -> None:
+    """reconstruct() sums each chunk's per-cluster max straight into the output grid (no (C, F, K)
+    intermediate): same sums, bit for bit, as overlap-adding ``cluster_activations``."""
+    from diaropt.pipeline.preprocessing import overlap_add
+    from diaropt.pipeline.reconstruction import _summed_cluster_activations
+
+    rng = np.random.default_rng(0)
+    num_chunks, num_frames = 40, 589
+    seg = (rng.random((num_chunks, num_frames, 3)) > 0.6).astype(np.float32) * rng.random((num_chunks, 1, 3),
+                                                                                             dtype=np.float32)
+    hard = rng.integers(-2, 5, size=(num_chunks, 3)).astype(np.int8)
+    starts_s = np.arange(num_chunks) * 1.0
+    num_out = 40 * 60 + 100  # shorter than the last chunk's end: frames beyond are dropped alike
+    expected = overlap_add(cluster_activations(seg, hard, 6), starts_s, SEGMENTATION_FRAMES, num_out_frames=num_out,
+                           average=False, missing=0.0)
+    streamed = _summed_cluster_activations(seg, hard, starts_s, SEGMENTATION_FRAMES, num_out, 6)
+    np.testing.assert_array_equal(streamed, expected)
+    assert streamed.dtype == np.float64 and streamed.shape == (num_out, 6)
+
+
 def _rounded(timeline: Timeline) -> list[tuple[float, float]]:
     return [(round(s.start, 6), round(s.end, 6)) for s in timeline]
 

@@ -78,6 +78,10 @@ class BackendConfig:
     name: BackendName = BackendName.auto
     num_threads: int = 0  # 0: the runtime's default (all cores)
     ort_optimization_level: str = "all"  # disable | basic | extended | all
+    # ONNX Runtime's CPU arena keeps each session's peak activations allocated after a run. Off, they
+    # are freed between runs (lower peak memory) but every run allocates again: the embedding stage
+    # took 64 s instead of 38 s on a 5 min file here. Small batches bound the arena instead.
+    ort_memory_arena: bool = True
 
 
 @dataclass
@@ -112,14 +116,17 @@ class FusionConfig:
 @dataclass
 class SegmentationConfig:
     step_s: float = 1.0
-    batch_size: int = 32
+    # chunks per call. With ONNX Runtime's arena, a session keeps its largest batch's activations:
+    # 8 segmentation chunks and 4 embedding rows keep a 60 min file under 2 GiB (batches of 32:
+    # 3.6 GB) at about the same speed (benchmarks/results/scaling.json)
+    batch_size: int = 8
     checkpoint: Optional[str] = None  # local path or hub id; None: pinned segmentation-3.0
 
 
 @dataclass
 class EmbeddingConfig:
     name: EmbeddingName = EmbeddingName.campplus
-    batch_size: int = 32
+    batch_size: int = 4  # (chunk, speaker) rows per call, or chunks with shared_trunk; see segmentation
     checkpoint: Optional[str] = None  # local path or hub id; None: pinned weights (CAM++)
     min_num_clean_frames: int = 10
     shared_trunk: bool = False

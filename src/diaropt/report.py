@@ -921,7 +921,7 @@ def build_report(sweep: Sweep, selection: Selection, preset_check: str | None = 
     """The Markdown/HTML document of a sweep and its selection (figures included as PNGs)."""
     frame = sweep.runs
     counts = frame["outcome"].value_counts().to_dict()
-    doc = Document(f"Sweep report: {sweep.parent_name}")
+    doc = Document(f"Report: {sweep.parent_name}")
     first = frame.iloc[0]
     host = first.get("tags.host.cpu_model")
     doc.bullets([
@@ -1056,7 +1056,7 @@ def build_report(sweep: Sweep, selection: Selection, preset_check: str | None = 
     if rec is not None:
         row = frame[frame["run_id"] == rec["run_id"]].iloc[0]
         name = preset_name(sweep.parent_run_id)
-        comment = (f"Recommended by experiments/report.py from sweep {sweep.parent_name!s} (parent run "
+        comment = (f"Recommended by experiments/report.py from {sweep.parent_name!s} (parent run "
                    f"{sweep.parent_run_id}), child run {rec['run_id']}:\nDER {_pct(rec['der'])} %, RTFx "
                    f"{rec['rtfx']:.2f}. Re-run: python experiments/sweep.py experiment={name}")
         preset_text = preset_yaml(row, preset_name(sweep.parent_run_id), comment)

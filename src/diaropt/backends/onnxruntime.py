@@ -91,8 +91,9 @@ class OnnxRuntimeModel:
     """
 
     def __init__(self, path: Path, compute_unit: str = "cpu_only", num_threads: int = 0,
-                 optimization_level: str = "all") -> None:
+                 optimization_level: str = "all", memory_arena: bool = True) -> None:
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = memory_arena
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization_level])

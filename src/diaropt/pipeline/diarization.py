@@ -46,8 +46,8 @@ class PipelineParams:
     """Everything but the models: windowing, batching, masks, speaker counts, binarisation."""
 
     step_s: float = 1.0
-    segmentation_batch_size: int = 32
-    embedding_batch_size: int = 32
+    segmentation_batch_size: int = 8
+    embedding_batch_size: int = 4
     min_num_clean_frames: int = 10
     min_active_frames: int = 1
     num_speakers: int | None = None

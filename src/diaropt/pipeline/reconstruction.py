@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from pyannote.core import Annotation, Segment
 
-from diaropt.pipeline.preprocessing import SEGMENTATION_FRAMES, FrameWindow, overlap_add
+from diaropt.pipeline.preprocessing import SEGMENTATION_FRAMES, FrameWindow, chunk_frame_offsets
 
 __all__ = [
     "cluster_activations",
@@ -61,6 +61,38 @@ def cluster_activations(
     return activations
 
 
+def _summed_cluster_activations(segmentations: np.ndarray, hard_clusters: np.ndarray, chunk_starts_s: np.ndarray,
+                                frames: FrameWindow, num_out_frames: int, num_clusters: int | None) -> np.ndarray:
+    """``overlap_add(cluster_activations(...), average=False)`` without the ``(C, F, K)`` float64
+    intermediate: each chunk's per-cluster max is added straight into the ``(num_out_frames, K)``
+    float64 grid, in chunk order (same sums, bit for bit). Memory is O(T K), not O(C F K): 290 MB
+    less on a 60 min file with 18 clusters."""
+    segmentations = np.asarray(segmentations)
+    hard_clusters = np.asarray(hard_clusters)
+    if segmentations.ndim != 3 or hard_clusters.shape != (segmentations.shape[0], segmentations.shape[2]):
+        raise ValueError(f"segmentations {segmentations.shape} and hard_clusters {hard_clusters.shape} "
+                         "must be (num_chunks, num_frames, L) and (num_chunks, L)")
+    if num_clusters is None:
+        num_clusters = max(int(hard_clusters.max()) + 1 if hard_clusters.size else 0, 0)
+    elif hard_clusters.size and int(hard_clusters.max()) >= num_clusters:
+        raise ValueError(f"hard_clusters reference cluster >= num_clusters={num_clusters}")
+    num_chunks, num_frames, _ = segmentations.shape
+    offsets = chunk_frame_offsets(chunk_starts_s, frames)
+    if offsets.shape[0] != num_chunks:
+        raise ValueError(f"got {offsets.shape[0]} chunk starts for {num_chunks} chunks of values")
+    total = np.zeros((num_out_frames, num_clusters), dtype=np.float64)
+    for c in range(num_chunks):
+        stop = min(int(offsets[c]) + num_frames, num_out_frames)
+        length = stop - int(offsets[c])
+        if length <= 0:
+            continue
+        chunk = segmentations[c, :length]
+        for k in np.unique(hard_clusters[c]):
+            if k >= 0:
+                total[offsets[c]:stop, k] += chunk[:, hard_clusters[c] == k].max(axis=1)
+    return total
+
+
 def reconstruct(
     segmentations: np.ndarray,
     hard_clusters: np.ndarray,
@@ -90,15 +122,8 @@ def reconstruct(
     count = np.asarray(count)
     if count.ndim != 1:
         raise ValueError(f"count must be (num_out_frames,), got shape {count.shape}")
-    per_chunk = cluster_activations(segmentations, hard_clusters, num_clusters)
-    activations = overlap_add(
-        per_chunk,
-        chunk_starts_s,
-        frames,
-        num_out_frames=count.shape[0],
-        average=False,
-        missing=0.0,
-    )
+    activations = _summed_cluster_activations(segmentations, hard_clusters, chunk_starts_s, frames,
+                                              count.shape[0], num_clusters)
     num_out_frames, num_clusters = activations.shape
     max_count = int(count.max()) if count.size else 0
     if not require_positive_activation and max_count > num_clusters:

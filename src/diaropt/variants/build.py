@@ -291,8 +291,10 @@ def _onnx_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_ro
     path, info = cached_build(cache_root, variant, "model.onnx", build)
     threads = cfg.backend.num_threads
     level = cfg.backend.ort_optimization_level
+    arena = cfg.backend.ort_memory_arena
     return BuiltModel(kind, "onnxruntime", path, info,
-                      lambda: ort_backend.OnnxRuntimeModel(path, compute_unit, threads, info.get("ort_level", level)))
+                      lambda: ort_backend.OnnxRuntimeModel(path, compute_unit, threads, info.get("ort_level", level),
+                                                           arena))
 
 
 def _coreml_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant,
