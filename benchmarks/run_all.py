@@ -3,7 +3,7 @@
     python benchmarks/run_all.py [--quick] [--repeats N]
 
 Order: long_form (17 min recordings, seed_baseline vs default vs candidates), scaling (1-60 min),
-compute_limit, profile_default. Each is its own process, so a failure in one does not stop the
+compute_limit, profile_default, then ``summarize.py`` (``benchmarks/results/SUMMARY.md``). Each is its own process, so a failure in one does not stop the
 others; the exit code is non-zero if any failed. ``--quick`` shrinks every input (a smoke run whose
 numbers are not comparable; its results go to ``benchmarks/results/quick/``).
 """
@@ -44,6 +44,8 @@ def main() -> int:
         print(f"== {name}: exit {done.returncode} after {(time.perf_counter() - start) / 60:.1f} min", flush=True)
         if done.returncode != 0:
             failed.append(name)
+    if not args.quick:
+        subprocess.run([sys.executable, str(HERE / "summarize.py")])  # benchmarks/results/SUMMARY.md
     if failed:
         print(f"failed: {', '.join(failed)}", flush=True)
     return 1 if failed else 0

@@ -1,0 +1,177 @@
+"""One page for the review: the benchmark results and the targets of the benchmarks issue.
+
+    python benchmarks/summarize.py [--results-dir benchmarks/results] [--out benchmarks/results/SUMMARY.md]
+
+Reads the JSON files the benchmarks wrote (``long_form``, ``scaling``, ``compute_limit``,
+``profile_default``; a missing one is named, not invented) and writes a Markdown summary: every
+number in it is copied or derived from those files, with the commit and the machine load they were
+measured under. ``run_all.py`` calls it last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS_DIR
+
+MIB = 1 << 20
+SPEEDUP_TARGET = 3.0
+DER_TOLERANCE_PTS = 0.5
+MEMORY_TARGET_BYTES = 2 << 30
+DESIGN_NOTE_EMBEDDING_SHARE_PCT = 46.5
+
+
+def _load(results_dir: Path, name: str) -> dict[str, Any] | None:
+    path = results_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _provenance(result: dict[str, Any]) -> str:
+    load = result.get("load_average_start", {})
+    return (f"commit `{str(result.get('commit', '?'))[:12]}`, {result.get('date', '?')}, load average at start "
+            f"{load.get('load_1min', float('nan')):.1f} (1 min) on {result.get('cpu_count_usable', '?')} cores")
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def long_form_section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## Long-form recordings (`long_form.py`)", "", _provenance(result) + f", {result.get('repeats')} "
+             f"interleaved repeats; status: {result.get('status')}", ""]
+    recommended = result.get("recommended", {})
+    if recommended:
+        lines += [f"Recommended configuration: `{' '.join(recommended.get('overrides', [])) or 'defaults'}` "
+                  f"({recommended.get('source')})", ""]
+    targets: list[str] = []
+    for recording, summary in result.get("results", {}).items():
+        info = result.get("recordings", {}).get(recording, {})
+        lines += [f"### {recording}: {info.get('duration_s', float('nan')) / 60:.1f} min, "
+                  f"{info.get('num_speakers_reference')} reference speakers, overlap "
+                  f"{100 * info.get('overlap_fraction_reference', float('nan')):.1f} % of speech", "",
+                  "| configuration | total s (median [min, max]) | RTFx | speedup vs seed_baseline | DER % | "
+                  "ΔDER pts | DER % (FluidAudio) | segmentation % | embedding % |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+        for config, entry in summary.items():
+            total = entry["timing"]["time_total_s"]
+            speed = entry.get("speedup_vs_seed_baseline", {}).get("total", {})
+            speed_text = (f"{speed['median']:.2f}x [{speed['min']:.2f}, {speed['max']:.2f}]" if speed else "")
+            delta = entry.get("der_delta_vs_seed_baseline_pts")
+            lines.append(
+                f"| {config} | {total['median']:.1f} [{total['min']:.1f}, {total['max']:.1f}] | "
+                f"{entry['timing']['rtfx']['median']:.1f} | {speed_text} | {100 * entry['scores']['der_pyannote']:.2f} | "
+                f"{'' if delta is None else f'{delta:+.2f}'} | {100 * entry['scores']['der_fluidaudio']:.2f} | "
+                f"{100 * entry['share']['segmentation']:.1f} | {100 * entry['share']['embedding']:.1f} |")
+        lines.append("")
+        if "recommended" in summary:
+            entry = summary["recommended"]
+            speed = entry["speedup_vs_seed_baseline"]["total"]
+            delta = entry["der_delta_vs_seed_baseline_pts"]
+            targets.append(f"- {recording}: recommended vs seed_baseline {speed['median']:.2f}x (median; min "
+                           f"{speed['min']:.2f}x) — ≥ {SPEEDUP_TARGET:g}x {_mark(speed['median'] >= SPEEDUP_TARGET)}; "
+                           f"DER {delta:+.2f} pts — ≤ +{DER_TOLERANCE_PTS} {_mark(delta <= DER_TOLERANCE_PTS)}")
+        if "default" in summary:
+            share = 100 * summary["default"]["share"]["embedding"]
+            targets.append(f"- {recording}: embedding share of the default configuration {share:.1f} % "
+                           f"(design note: {DESIGN_NOTE_EMBEDDING_SHARE_PCT} %)")
+    for note in result.get("notes", []):
+        lines.append(f"- note: {note}")
+    return lines + [""], targets
+
+
+def scaling_section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## Scaling with audio length, default configuration (`scaling.py`)", "", _provenance(result), "",
+             "| minutes | total s | RTFx | segmentation s | embedding s | peak RSS MiB | DER % |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in result.get("runs", []):
+        lines.append(f"| {run['length_min']:g} | {run['time_total_s']:.1f} | {run['rtfx']:.1f} | "
+                     f"{run['time_segmentation_s']:.1f} | {run['time_embedding_s']:.1f} | "
+                     f"{run['peak_rss_bytes'] / MIB:.0f} | {100 * run['der_pyannote']:.2f} |")
+    lines += ["", "| quantity | log-log exponent | R² | verdict |", "|---|---:|---:|---|"]
+    for key, fit in result.get("fits", {}).items():
+        if not key.startswith("time_"):
+            continue  # memory: a large fixed part hides the growth in a log-log exponent; see below
+        lines.append(f"| {key} | {fit['loglog_exponent']:.2f} | {fit['r2']:.3f} | {fit['verdict']} |")
+    lines += ["", f"Memory growth: {result.get('memory_growth_mb_per_hour', float('nan')):.0f} MiB of peak RSS per hour "
+              "of audio (linear fit over the lengths); arrays kept per file at the longest length (MiB): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in result.get("kept_arrays_mb_longest", {}).items()), ""]
+    targets = []
+    runs = result.get("runs", [])
+    longest = max(runs, key=lambda r: r["length_min"]) if runs else None
+    if longest is not None:
+        peak = longest["peak_rss_bytes"]
+        targets.append(f"- peak memory, default configuration, {longest['length_min']:g} min file: "
+                       f"{peak / MIB:.0f} MiB — < 2048 MiB {_mark(peak < MEMORY_TARGET_BYTES)}")
+    return lines, targets
+
+
+def compute_section(result: dict[str, Any]) -> list[str]:
+    lines = ["## Compute limit (`compute_limit.py`)", "", _provenance(result) + f", {result['recording']['uri']}",
+             "", f"Attainable matmul throughput measured in the same run: {result['peak_gflops']:.0f} GFLOP/s "
+             f"(best of the measurements before and after the pipeline run).", "",
+             "| stage | GFLOP per audio s | achieved GFLOP/s | fraction of peak | RTFx bound at peak |",
+             "|---|---:|---:|---:|---:|"]
+    for stage, entry in result.get("stages", {}).items():
+        lines.append(f"| {stage} | {entry['gflop_per_audio_s']:.2f} | {entry['achieved_gflops']:.1f} | "
+                     f"{100 * entry['fraction_of_peak']:.1f} % | {entry['rtfx_bound_at_peak']:.1f} |")
+    return lines + [""]
+
+
+def profile_section(result: dict[str, Any]) -> list[str]:
+    top = result.get("top_items", {})
+    lines = ["## Where the time goes (`profile_default.py`)", "", _provenance(result) + f", {result.get('recording')}"
+             f", profiler: {result.get('profiler')}; artifacts: {', '.join(result.get('artifacts', []))}", ""]
+    for key in ("onnxruntime_embedding_op_types", "onnxruntime_segmentation_op_types"):
+        if top.get(key):
+            lines.append(f"- {key.replace('_', ' ')}: {', '.join(top[key])}")
+    if top.get("python_inclusive"):
+        lines.append(f"- Python inclusive: {', '.join(top['python_inclusive'][:6])}")
+    return lines + [""]
+
+
+def summarize(results_dir: Path) -> str:
+    sections: list[str] = []
+    targets: list[str] = []
+    missing: list[str] = []
+    for name in ("long_form", "scaling", "compute_limit", "profile_default"):
+        result = _load(results_dir, name)
+        if result is None:
+            missing.append(name)
+            continue
+        if name == "long_form":
+            lines, found = long_form_section(result)
+            targets += found
+        elif name == "scaling":
+            lines, found = scaling_section(result)
+            targets += found
+        elif name == "compute_limit":
+            lines = compute_section(result)
+        else:
+            lines = profile_section(result)
+        sections += lines
+    head = ["# Benchmark summary", "",
+            f"Generated by `python benchmarks/summarize.py` from the JSON files in `{results_dir.name}/`; "
+            "ONNX Runtime CPU on this machine (Core ML timings need macOS and are not here).", "",
+            "## Targets", ""] + (targets or ["- no results"]) + [""]
+    if missing:
+        head += [f"Not found (not run yet): {', '.join(missing)}", ""]
+    return "\n".join(head + sections)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=None, help="default: <results-dir>/SUMMARY.md")
+    args = parser.parse_args()
+    out = args.out or args.results_dir / "SUMMARY.md"
+    out.write_text(summarize(args.results_dir))
+    print(f"wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
