@@ -35,6 +35,11 @@ def test_segmentation_onnx_matches_torch(segmentation_model, dev00_audio, tmp_pa
     assert ours.shape == (3, 589, 7)
     np.testing.assert_allclose(ours, expected, atol=1e-3, rtol=0)
     assert onnx_op_histogram(path)["LSTM"] == 4
+    # without the memory arena (backend.ort_memory_arena=false): same outputs, the option really set
+    no_arena = OnnxRuntimeModel(path, memory_arena=False)
+    assert not no_arena.session.get_session_options().enable_cpu_mem_arena
+    assert OnnxRuntimeModel(path).session.get_session_options().enable_cpu_mem_arena
+    np.testing.assert_array_equal(no_arena(waveforms=chunks)["logprobs"], ours)
 
 
 @pytest.mark.parametrize("name", ["campplus", "wespeaker_resnet34"])
