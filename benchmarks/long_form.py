@@ -58,7 +58,9 @@ def report_preset() -> tuple[list[str], str] | None:
 
     installed = sorted((CONF_DIR / "experiment").glob("recommended_*.yaml"), key=lambda p: p.stat().st_mtime)
     if installed:
-        return [f"experiment={installed[-1].stem}"], str(installed[-1].relative_to(REPO_ROOT))
+        newest = installed[-1]
+        return [f"experiment={newest.stem}"], str(newest.relative_to(REPO_ROOT) if newest.is_relative_to(REPO_ROOT)
+                                                  else newest)
     reports = sorted((p for p in (REPO_ROOT / "outputs" / "reports").glob("*/") if p.is_dir()),
                      key=lambda p: p.stat().st_mtime)
     for folder in reversed(reports):

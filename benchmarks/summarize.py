@@ -125,6 +125,10 @@ def profile_section(result: dict[str, Any]) -> list[str]:
     top = result.get("top_items", {})
     lines = ["## Where the time goes (`profile_default.py`)", "", _provenance(result) + f", {result.get('recording')}"
              f", profiler: {result.get('profiler')}; artifacts: {', '.join(result.get('artifacts', []))}", ""]
+    shares = result.get("summary", {}).get("stage_share_of_run_samples", {})
+    if shares:
+        lines.append("- profiler samples per stage: " + ", ".join(f"{stage} {100 * share:.1f} %"
+                                                               for stage, share in shares.items()))
     for key in ("onnxruntime_embedding_op_types", "onnxruntime_segmentation_op_types"):
         if top.get(key):
             lines.append(f"- {key.replace('_', ' ')}: {', '.join(top[key])}")
@@ -150,6 +154,13 @@ def summarize(results_dir: Path) -> str:
             targets += found
         elif name == "compute_limit":
             lines = compute_section(result)
+            stages = result.get("stages", {})
+            if {"segmentation", "embedding"} <= set(stages):
+                seg, emb = (stages[k]["gflop_per_audio_s"] for k in ("segmentation", "embedding"))
+                targets.append(f"- the embedding network needs {emb / seg:.1f}x the FLOPs of segmentation per audio "
+                               f"second ({emb:.1f} vs {seg:.2f} GFLOP) and runs at "
+                               f"{100 * stages['embedding']['fraction_of_peak']:.0f} % of the measured matmul peak "
+                               "(compute_limit)")
         else:
             lines = profile_section(result)
         sections += lines
