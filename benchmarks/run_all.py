@@ -1,11 +1,12 @@
-"""Run every benchmark in sequence (slow: about an hour on 2 free cores), results in benchmarks/results/.
+"""Run every benchmark in sequence (slow: about 75 min on 2 free cores), results in benchmarks/results/.
 
     python benchmarks/run_all.py [--quick] [--repeats N]
 
-Order: long_form (17 min recordings, seed_baseline vs default vs candidates), scaling (1-60 min),
-compute_limit, profile_default, then ``summarize.py`` (``benchmarks/results/SUMMARY.md``). Each is its own process, so a failure in one does not stop the
-others; the exit code is non-zero if any failed. ``--quick`` shrinks every input (a smoke run whose
-numbers are not comparable; its results go to ``benchmarks/results/quick/``).
+Order: long_form (17 min recordings, seed_baseline vs default vs the recommended preset), scaling
+(1-60 min), compute_limit, profile_default, then ``summarize.py`` (``benchmarks/results/SUMMARY.md``).
+Each is its own process, so a failure in one does not stop the others; the exit code is non-zero if
+any failed. ``--quick`` shrinks every input (a smoke run whose numbers are not comparable; its
+results go to ``benchmarks/results/quick/``).
 """
 
 from __future__ import annotations
