@@ -13,6 +13,7 @@ axis's options live:
 | backend            | ``backend``          | ``diaropt.variants.build``         |
 | embedding          | ``embedding``        | ``diaropt.models.embedding``       |
 | clustering         | ``clustering``       | ``diaropt.pipeline.clustering``    |
+| speaker tracking   | ``embedding.anchor_every`` | ``diaropt.pipeline.tracking``  |
 | dataset            | ``dataset``          | ``diaropt.data.datasets``          |
 """
 
@@ -130,6 +131,9 @@ class EmbeddingConfig:
     checkpoint: Optional[str] = None  # local path or hub id; None: pinned weights (CAM++)
     min_num_clean_frames: int = 10
     shared_trunk: bool = False
+    # speaker tracking: embed every k-th chunk (and the last); link the other chunks' speakers to
+    # them by co-activity in the overlap (diaropt.pipeline.tracking). 1: embed every active speaker
+    anchor_every: int = 1
 
 
 @dataclass
@@ -241,6 +245,7 @@ def validate(cfg: DictConfig) -> None:
         ("segmentation.step_s", 0 < cfg.segmentation.step_s <= 10.0, "must be in (0, 10] s"),
         ("segmentation.batch_size", cfg.segmentation.batch_size >= 1, "must be >= 1"),
         ("embedding.batch_size", cfg.embedding.batch_size >= 1, "must be >= 1"),
+        ("embedding.anchor_every", cfg.embedding.anchor_every >= 1, "must be >= 1"),
         ("frame_extraction.batch_size", cfg.frame_extraction.batch_size >= 1, "must be >= 1"),
         ("clustering.threshold", cfg.clustering.threshold > 0, "must be > 0"),
         ("clustering.ema_alpha", 0 < cfg.clustering.ema_alpha <= 1, "must be in (0, 1]"),

@@ -81,6 +81,7 @@ def params_from_config(cfg: DictConfig) -> PipelineParams:
     return PipelineParams(
         step_s=cfg.segmentation.step_s, segmentation_batch_size=cfg.segmentation.batch_size,
         embedding_batch_size=cfg.embedding.batch_size, min_num_clean_frames=cfg.embedding.min_num_clean_frames,
+        anchor_every=cfg.embedding.anchor_every,
         num_speakers=cfg.clustering.num_speakers, min_speakers=cfg.clustering.min_speakers,
         max_speakers=cfg.clustering.max_speakers, min_duration_on_s=cfg.postprocess.min_duration_on_s,
         min_duration_off_s=cfg.postprocess.min_duration_off_s)

@@ -11,6 +11,7 @@ T output frames on the 16.875 ms grid of the whole file):
 | preprocessing  | segmentations (C, F, L), masks (C, F, L), active (C, L) |
 | embedding      | embeddings (C, L, D), NaN = skipped      |
 | clustering     | hard_clusters (C, L) int8, -2 = skipped  |
+| (tracking)     | with ``anchor_every > 1``: only anchor chunks and unlinked speakers are embedded; linked slots take their anchor speaker's cluster |
 | postprocess    | count (T,), discrete (T, K) -> Annotation |
 
 Fused models (``variants.fusion``) move work between stages without changing these arrays: a
@@ -32,7 +33,7 @@ from pyannote.core import Annotation, Segment
 
 from diaropt.backends.base import RunnableModel
 from diaropt.models.segmentation import CHUNK_DURATION_S
-from diaropt.pipeline import preprocessing, reconstruction
+from diaropt.pipeline import preprocessing, reconstruction, tracking
 from diaropt.pipeline.cache import ArrayCache
 from diaropt.pipeline.audio import SAMPLE_RATE_HZ, chunk_starts, load_audio
 from diaropt.pipeline.clustering import BaseClustering
@@ -50,6 +51,7 @@ class PipelineParams:
     embedding_batch_size: int = 4
     min_num_clean_frames: int = 10
     min_active_frames: int = 1
+    anchor_every: int = 1  # embed every k-th chunk, link the others' speakers to it (pipeline.tracking)
     num_speakers: int | None = None
     min_speakers: int | None = None
     max_speakers: int | None = None
@@ -169,20 +171,25 @@ class DiarizationPipeline:
 
         with timer.stage("preprocessing"):
             segmentations, masks, active = self._preprocess(outputs)
-        num_active = int(active.sum())
+            links = None
+            if params.anchor_every > 1:
+                offsets = preprocessing.chunk_frame_offsets(starts_s, preprocessing.SEGMENTATION_FRAMES)
+                links = tracking.link_to_anchors(segmentations, offsets, active, params.anchor_every)
+        to_embed = active if links is None else links.embed  # (C, L) slots the embedding stage computes
+        num_to_embed = int(to_embed.sum())
 
         with timer.stage("embedding"):
             if self.chained:  # computed for every slot by the chain (fixed shapes): inactive ones -> NaN
                 embedded = mask_inactive({k: np.array(outputs[k], dtype=np.float32) for k in embedding_names
-                                          if k in outputs}, active)
-            elif cached is not None:
-                embedded = {k: cached[k] for k in embedding_names if k in cached}
+                                          if k in outputs}, to_embed)
+            elif cached is not None:  # every active slot was embedded: keep the ones this job embeds
+                embedded = mask_inactive({k: np.array(cached[k]) for k in embedding_names if k in cached}, to_embed)
             else:
-                embedded = embed_outputs(self.embedding_model, audio, starts, self.chunk_samples, masks, active,
+                embedded = embed_outputs(self.embedding_model, audio, starts, self.chunk_samples, masks, to_embed,
                                          params.embedding_batch_size, self.embedding_dim,
-                                         on_batch=lambda n: self.progress("embedding", n, num_active))
+                                         on_batch=lambda n: self.progress("embedding", n, num_to_embed))
         embeddings = embedded["embeddings"]
-        if cache_key is not None and cached is None:
+        if cache_key is not None and cached is None and links is None:  # the cache holds every active slot
             self.array_cache.save(cache_key, {**outputs, **embedded})
 
         with timer.stage("clustering"):
@@ -190,12 +197,14 @@ class DiarizationPipeline:
             result = self.clustering(embedded.get("unit_embeddings", embeddings), segmentations,
                                      num_speakers=params.num_speakers, min_speakers=params.min_speakers,
                                      max_speakers=params.max_speakers)
+            hard_clusters = result.hard_clusters if links is None else tracking.propagate_clusters(
+                result.hard_clusters, links)
 
         with timer.stage("postprocess"):
             frames = preprocessing.SEGMENTATION_FRAMES
             count = preprocessing.speaker_count(segmentations, starts_s, frames)
             # pyannote's rule: the top-count clusters per frame, even where a cluster's activation is 0
-            discrete = reconstruction.reconstruct(segmentations, result.hard_clusters, count, starts_s, frames,
+            discrete = reconstruction.reconstruct(segmentations, hard_clusters, count, starts_s, frames,
                                                   num_clusters=result.num_clusters,
                                                   require_positive_activation=False)
             annotation = reconstruction.to_annotation(discrete, frames, uri, params.min_duration_on_s,
@@ -204,7 +213,7 @@ class DiarizationPipeline:
         arrays = {}
         if keep_arrays:
             arrays = dict(logprobs=logprobs, segmentations=segmentations, embeddings=embeddings,
-                          hard_clusters=result.hard_clusters, count=count, masks=masks, active=active)
+                          hard_clusters=hard_clusters, count=count, masks=masks, active=active)
             arrays.update({k: v for k, v in embedded.items() if k != "embeddings"})
-        return DiarizationOutput(uri, annotation, duration_s, timer, num_chunks, num_active, result.num_clusters,
+        return DiarizationOutput(uri, annotation, duration_s, timer, num_chunks, num_to_embed, result.num_clusters,
                                  arrays)
