@@ -59,7 +59,7 @@ def _write_results(folder: Path, recommended_speedup: float, recommended_delta_p
 def test_summary_judges_targets_from_the_results(tmp_path: Path) -> None:
     _write_results(tmp_path, recommended_speedup=3.3, recommended_delta_pts=0.1, peak_60min_bytes=1500 << 20)
     text = summarize.summarize(tmp_path)
-    assert "recommended vs seed_baseline 3.30x (median; min 3.10x) — ≥ 3x met; DER +0.10 pts — ≤ +0.5 met" in text
+    assert "(long_form.json): recommended vs seed_baseline 3.30x (median; min 3.10x) — ≥ 3x met; DER +0.10 pts — ≤ +0.5 met" in text
     assert "embedding share of the default configuration 88.0 %" in text
     assert "60 min file: 1500 MiB — < 2048 MiB met" in text
     assert "Not found (not run yet): compute_limit, profile_default" in text
