@@ -62,7 +62,7 @@ def network_flops(frame_extraction: str, embedding_name: str, embedding_batch: i
     emb_ops = {str(k): int(v) / embedding_batch for k, v in counter.get_flop_counts()["Global"].items()}
     return {"segmentation_per_chunk": seg_counted + seg_lstm,
             "segmentation_breakdown": {**seg_ops, "lstm (analytic)": seg_lstm},
-            "embedding_per_item": counter.get_total_flops() / embedding_batch + lstm_flops(embedding, 0),
+            "embedding_per_item": counter.get_total_flops() / embedding_batch,  # CAM++/ResNet: no recurrent layers
             "embedding_breakdown": emb_ops, "embedding_batch_counted": embedding_batch}
 
 

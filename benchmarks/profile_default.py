@@ -77,7 +77,8 @@ def normalize(stacks: Counter) -> Counter:
 
 
 def summarize_collapsed(stacks: Counter) -> dict[str, Any]:
-    """Top self and inclusive frames (whole process and inside the pipeline run), native libraries."""
+    """Top self and inclusive frames (whole process and inside the pipeline run), native libraries,
+    of :func:`normalize`\ d stacks."""
     total = sum(stacks.values())
     run_total = 0
     self_all: Counter = Counter()
@@ -86,9 +87,9 @@ def summarize_collapsed(stacks: Counter) -> dict[str, Any]:
     libraries: Counter = Counter()
     stage_samples: Counter = Counter()
     for stack, count in stacks.items():
-        frames = [_strip_line(f) for f in stack.split(";")]
-        self_all[frames[-1]] += count
+        frames = stack.split(";")
         leaf = frames[-1]
+        self_all[leaf] += count
         libraries[leaf if leaf.startswith("[native]") else "python / other"] += count
         if any(f.startswith(RUN_FRAME) for f in frames):
             run_total += count

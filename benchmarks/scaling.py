@@ -4,7 +4,7 @@
 
 Each length runs in its own process (a fresh interpreter, so one length's allocations do not raise
 the next one's peak) on the AMI long-form recording of that length (``diaropt.data.long_form``).
-Process RSS is sampled every 20 ms (as ``diaropt.sweep.PeakMemory``); the peak is recorded for the
+Process RSS is sampled every 20 ms (``diaropt.sweep.PeakMemory``); the peak is recorded for the
 whole file and per stage. Per stage, ``time = a + b * length`` is fitted (R^2) and the exponent of
 a log-log fit is reported: ~1 is linear, ~0 constant, > 1.15 super-linear. Memory growth per hour
 of audio is compared with the sizes of the arrays the pipeline keeps per file. Writes
@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,32 +32,10 @@ from diaropt.sweep import PeakMemory
 MB = 1 << 20
 
 
-class RssSampler:
-    """Background RSS sampler whose running peak can be reset (per-stage peaks)."""
-
-    def __init__(self, interval_s: float = 0.02) -> None:
-        self.interval_s = interval_s
-        self.peak_bytes = PeakMemory.current_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak_bytes = max(self.peak_bytes, PeakMemory.current_bytes())
-
-    def reset(self) -> None:
-        self.peak_bytes = PeakMemory.current_bytes()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 class MemoryStageTimer(StageTimer):
     """A ``StageTimer`` that also records the peak RSS (bytes) seen during each stage."""
 
-    def __init__(self, sync: Any, sampler: RssSampler) -> None:
+    def __init__(self, sync: Any, sampler: PeakMemory) -> None:
         super().__init__(sync)
         self.sampler = sampler
         self.peak_rss_bytes: dict[str, int] = {}
@@ -88,14 +65,12 @@ def worker(length_min: float) -> dict[str, Any]:
     dataset, _ = load_ami_long_form(60 * length_min, Path(default_cache_dir()) / "datasets")
     (item,) = dataset.items
     rss_models = PeakMemory.current_bytes()
-    sampler = RssSampler()
-    timer = MemoryStageTimer(loaded.pipeline.sync, sampler)
-    timer.merge(loaded.compile_timer)
-    with PeakMemory() as memory:
+    with PeakMemory() as memory, PeakMemory() as stage_memory:  # whole run; per stage (reset by the timer)
+        timer = MemoryStageTimer(loaded.pipeline.sync, stage_memory)
+        timer.merge(loaded.compile_timer)
         with timer.stage("audio"):
             audio = load_audio(item.audio_path)
         output = loaded.pipeline(audio, item.uri, timer=timer)
-    sampler.stop()
     scores = DiarizationScorer().add(item.uri, item.reference, output.annotation, item.uem)
     return {"length_min": length_min, "audio_duration_s": output.audio_duration_s,
             "num_chunks": output.num_chunks, "num_embedded": output.num_embedded,
@@ -177,7 +152,7 @@ def main() -> None:
                                check=True)
                 run = json.loads(out.read_text())
         runs.append(run)
-        print(f"{length:5.0f} min: total {run['time_total_s']:7.1f} s  RTFx {run['rtfx']:5.1f}  "
+        print(f"{length:5g} min: total {run['time_total_s']:7.1f} s  RTFx {run['rtfx']:5.1f}  "
               f"peak RSS {run['peak_rss_bytes'] / MB:6.0f} MB (+{run['peak_rss_growth_bytes'] / MB:.0f} MB over the "
               f"loaded models)  DER {100 * run['der_pyannote']:.1f} %", flush=True)
     lengths = np.array([r["length_min"] for r in runs], dtype=float)

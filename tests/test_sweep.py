@@ -110,3 +110,18 @@ def test_optuna_search_returns_both_objectives_per_trial(tmp_path):
     assert len(parents) == 1 and len(children) == 2
     assert children["metrics.der_pyannote"].notna().all() and children["metrics.rtfx"].notna().all()
     assert set(children["params.experiment_preset"]) == {"optuna_search"}
+
+
+def test_peak_memory_reset_restarts_the_running_peak() -> None:
+    """``PeakMemory.reset`` (per-stage peaks in benchmarks/scaling.py) forgets a freed allocation."""
+    import numpy as np
+
+    from diaropt.sweep import PeakMemory
+
+    with PeakMemory() as memory:
+        block = np.ones(50_000_000, dtype=np.float32)  # 200 MB, touched
+        with_block = memory.current_bytes()
+        del block
+        before_reset = memory.peak_bytes = max(memory.peak_bytes, with_block)
+        memory.reset()
+        assert memory.peak_bytes <= before_reset - 150 * (1 << 20)

@@ -72,6 +72,10 @@ class PeakMemory:
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, self.current_bytes())
 
+    def reset(self) -> None:
+        """Restart the running peak from the current RSS (e.g. one peak per pipeline stage)."""
+        self.peak_bytes = self.current_bytes()
+
 
 def _hydra_context() -> dict[str, Any]:
     """Run mode, sweep dir, job number, overrides and output dir of the current Hydra job."""
