@@ -33,7 +33,6 @@ from diaropt.variants import fusion
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class BuiltModel:
     """One model of a configuration: where its file is, what it is, how to run it."""
