@@ -2,13 +2,16 @@
 
     python benchmarks/compute_limit.py [--length-min 5] [--config "quant=int8 ..."]
 
-1. FLOPs of one segmentation chunk and one embedding (a batch of ``--embedding-batch`` divided by
-   its size) on the fp32 torch models, with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
-   convolutions; LSTMs, which it does not see, are added analytically: 2 * T * (|W_ih| + |W_hh|) per
-   layer and direction). The embedding model includes the configured fbank front end.
-2. Scaled to one audio second with the chunk and embedded-speaker counts of a real file (the AMI long
-   form of ``--length-min``), diarized with the configuration (default: the default one), whose
-   measured stage times give achieved FLOP/s = stage FLOPs / stage time.
+1. FLOPs of one segmentation chunk and one per-pair embedding (a batch of ``--embedding-batch``
+   divided by its size) on the fp32 torch models, with ``torch.utils.flop_counter.FlopCounterMode``
+   (matmuls and convolutions; LSTMs, which it does not see, are added analytically: 2 * T * (|W_ih| +
+   |W_hh|) per layer and direction). The embedding model includes the configured fbank front end.
+2. The FLOPs the configuration really spends on a real file (the AMI long form of ``--length-min``):
+   the same configuration on the fp32 torch backend diarizes it under the counter, so the embedding
+   stage's count follows what it runs (per pair, once per chunk with ``embedding.shared_trunk``, per
+   tile with ``embedding.tiled_trunk``, anchors only with ``embedding.anchor_every``); segmentation
+   is chunks x the per-chunk count. The configured backend then diarizes it, and its measured stage
+   times give achieved FLOP/s = stage FLOPs / stage time.
 3. Attainable fp32 matmul throughput measured in the same run: ``torch.mm`` and an ONNX Runtime
    ``MatMul`` graph, square sizes 256-2048, best of N, default thread counts.
 Writes ``benchmarks/results/compute_limit.json`` and one MLflow run.
@@ -60,10 +63,28 @@ def network_flops(frame_extraction: str, embedding_name: str, embedding_batch: i
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         embedding(waveforms, torch.ones(embedding_batch, NUM_FRAMES))
     emb_ops = {str(k): int(v) / embedding_batch for k, v in counter.get_flop_counts()["Global"].items()}
-    return {"segmentation_per_chunk": seg_counted + seg_lstm,
+    return {"segmentation_per_chunk": seg_counted + seg_lstm, "segmentation_counted_per_chunk": seg_counted,
             "segmentation_breakdown": {**seg_ops, "lstm (analytic)": seg_lstm},
             "embedding_per_item": counter.get_total_flops() / embedding_batch,  # CAM++/ResNet: no recurrent layers
             "embedding_breakdown": emb_ops, "embedding_batch_counted": embedding_batch}
+
+
+def counted_run_flops(overrides: list[str], dataset: Any, segmentation_per_chunk: float,
+                      segmentation_counted_per_chunk: float) -> dict[str, Any]:
+    """FLOPs per stage of diarizing ``dataset``'s file with ``overrides`` on the fp32 torch backend,
+    counted as run: everything the counter sees, minus the segmentation chunks' counted share, is the
+    embedding stage's; segmentation is ``chunks * segmentation_per_chunk`` (LSTM included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diaropt.runner import run_dataset
+
+    loaded = load_configuration("counted", [*overrides, "backend=torch", "compute_unit=cpu_only", "quant=fp32"])
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        result = run_dataset(loaded.pipeline, dataset, None, loaded.compile_timer, repeats=1, show_progress=False)
+    row = result.rows[0]
+    embedding = counter.get_total_flops() - row["num_chunks"] * segmentation_counted_per_chunk
+    return {"segmentation": row["num_chunks"] * segmentation_per_chunk, "embedding": embedding,
+            "num_chunks": row["num_chunks"], "num_embedded": row["num_embedded"]}
 
 
 def best_time_s(fn: Any, repeats: int) -> float:
@@ -140,15 +161,21 @@ def main() -> None:
     cpu_s, wall_s = time.process_time() - cpu_start_s, time.perf_counter() - wall_start_s
     peak_after = matmul_throughput(args.matmul_repeats)
     row, aggregate = result.rows[0], result.aggregate
+    print("counting the FLOPs the configuration spends on the file (fp32 torch backend)", flush=True)
+    counted = counted_run_flops(args.config.split(), dataset, flops["segmentation_per_chunk"],
+                                flops["segmentation_counted_per_chunk"])
+    if (counted["num_chunks"], counted["num_embedded"]) != (row["num_chunks"], row["num_embedded"]):
+        print(f"note: the torch run embedded {counted['num_embedded']} speakers in {counted['num_chunks']} chunks, "
+              f"the measured backend {row['num_embedded']} in {row['num_chunks']}", flush=True)
     duration_s = row["audio_duration_s"]
     peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
     stages: dict[str, Any] = {}
-    for stage, count, per_item in (("segmentation", row["num_chunks"], flops["segmentation_per_chunk"]),
-                                   ("embedding", row["num_embedded"], flops["embedding_per_item"])):
-        total = count * per_item
+    for stage, count in (("segmentation", row["num_chunks"]), ("embedding", row["num_embedded"])):
+        total = counted[stage]
         seconds = aggregate[f"time_{stage}_s"]
         achieved = total / seconds / 1e9
         stages[stage] = {"items": count, "items_per_audio_s": count / duration_s,
+                         "gflop_per_item": total / count / 1e9,
                          "gflop_per_audio_s": total / duration_s / 1e9, "gflop_total": total / 1e9,
                          "time_s": seconds, "achieved_gflops": achieved,
                          "fraction_of_peak": achieved / peak,
@@ -169,7 +196,7 @@ def main() -> None:
     results["cpu_time_view"] = cpu_view
     print(f"CPU-time view: {cpu_s:.0f} CPU-s over {wall_s:.0f} s wall; {cpu_view['network_gflop_per_cpu_s']:.1f} GFLOP "
           f"per CPU-s = {100 * cpu_view['fraction_of_per_thread_peak']:.1f} % of the per-thread peak", flush=True)
-    results.update({"flops": flops, "matmul_gflops_before": peak_before, "matmul_gflops_after": peak_after,
+    results.update({"flops": flops, "counted_run": counted, "matmul_gflops_before": peak_before, "matmul_gflops_after": peak_after,
                     "peak_gflops": peak, "recording": {"uri": row["uri"], "duration_s": duration_s},
                     "measured": {k: aggregate[k] for k in aggregate if k.startswith(("time_", "rtfx", "der_"))},
                     "stages": stages, "networks_gflop_per_audio_s": network_gflop_per_s,

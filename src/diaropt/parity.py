@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-#: What the reference configuration fixes; everything else (dataset, windowing, clustering) is the job's.
+#: What the reference configuration fixes; everything else (dataset, windowing, clustering, and the
+#: approximations judged by DER: ``embedding.tiled_trunk``, ``embedding.anchor_every``) is the job's.
 REFERENCE_SETTINGS: dict[str, Any] = {
     "backend.name": "torch", "quant.mode": "fp32", "compute_unit.name": "cpu_only",
     "fusion.clean_frames_in_graph": False, "fusion.segmentation_with_preprocessor": False,
@@ -43,6 +44,8 @@ def reference_config(cfg: DictConfig) -> DictConfig:
     """``cfg`` with the reference settings applied (a copy)."""
     reference = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     for key, value in REFERENCE_SETTINGS.items():
+        if key == "embedding.shared_trunk" and OmegaConf.select(reference, "embedding.tiled_trunk", default=False):
+            continue  # the tiled trunk needs it; the reference then tiles as the job does
         if OmegaConf.select(reference, key, default="__missing__") != "__missing__":
             OmegaConf.update(reference, key, value, merge=False)
     return reference

@@ -170,6 +170,8 @@ class DenseLayer(nn.Module):
 class CAMPPlus(nn.Module):
     """(batch, frames, 80) log-mel [+ weights (batch, any_frames)] -> (batch, embedding_dim)."""
 
+    time_stride = 2  # fbank frames per pooled frame (the first TDNN's stride)
+
     def __init__(self, num_mel_bins: int = 80, embedding_dim: int = 192, growth: int = 32, bottleneck_scale: int = 4,
                  init_channels: int = 128) -> None:
         super().__init__()

@@ -59,6 +59,8 @@ class ResNet(nn.Module):
 class WeSpeakerResNet34(nn.Module):
     """(batch, frames, 80) log-mel [+ weights (batch, any_frames)] -> (batch, 256)."""
 
+    time_stride = 8  # fbank frames per pooled frame (three stride-2 stages)
+
     def __init__(self, embedding_dim: int = 256) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim

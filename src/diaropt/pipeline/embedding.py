@@ -6,6 +6,11 @@ inactive local speakers (skipped, never embedded). The model is any backend's ``
 with inputs ``waveforms (batch, chunk_samples)`` and ``masks (batch, num_frames)`` and output
 ``embeddings (batch, dimension)``, or, per chunk (``embedding.shared_trunk``), ``masks (batch,
 num_frames, 3)`` -> ``embeddings (batch, 3, dimension)``; ``variants.fusion`` builds both.
+
+``embedding.tiled_trunk`` (``TiledTrunk``, ``embed_tiled``): the trunk runs only on chunks that tile
+the recording (one every ~10 s instead of every step); each embedded chunk's trunk frames are cut
+from its tiles and pooled per speaker by a second model. Not exact: a frame carries the context
+(mean normalisation, CAM++'s global context) of its tile instead of its chunk.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from diaropt.backends.base import RunnableModel
+from diaropt.backends.base import RunnableModel, TensorSpec
 from diaropt.pipeline.audio import make_chunks
 from diaropt.pipeline.segmentation import run_batched_all
 
@@ -43,11 +48,9 @@ def embed_outputs(model: RunnableModel, audio: np.ndarray, starts: np.ndarray, c
     per-chunk model (``embedding.shared_trunk``) one row per chunk with an active speaker,
     ``batch_size`` chunks per call.
     """
-    num_chunks, num_frames, num_local_speakers = masks.shape
-    shape = (num_chunks, num_local_speakers)
-    names = [spec.name for spec in model.outputs if spec.name in ("embeddings", "unit_embeddings", "distances")]
-    results = {name: np.full((*shape, num_local_speakers if name == "distances" else dimension), np.nan,
-                             dtype=np.float32) for name in names}
+    results = _nan_outputs(model, masks.shape[0], masks.shape[2], dimension)
+    if isinstance(model, TiledTrunk):
+        return embed_tiled(model, audio, starts, chunk_samples, masks, active, batch_size, results, on_batch)
     if per_chunk(model):
         chunk_rows = np.flatnonzero(active.any(axis=1))
         for first in range(0, len(chunk_rows), batch_size):
@@ -72,6 +75,115 @@ def embed_outputs(model: RunnableModel, audio: np.ndarray, starts: np.ndarray, c
         if on_batch is not None:
             on_batch(len(chunks))
     return results
+
+
+def _nan_outputs(model: RunnableModel, num_chunks: int, num_local_speakers: int,
+                 dimension: int) -> dict[str, np.ndarray]:
+    """NaN ``(num_chunks, L, dimension)`` arrays (``distances``: ``(num_chunks, L, L)``) per model output."""
+    names = [spec.name for spec in model.outputs if spec.name in ("embeddings", "unit_embeddings", "distances")]
+    return {name: np.full((num_chunks, num_local_speakers, num_local_speakers if name == "distances" else dimension),
+                          np.nan, dtype=np.float32) for name in names}
+
+
+class TiledTrunk:
+    """The embedding stage of ``embedding.tiled_trunk`` as one runnable: ``trunk`` waveforms (B, S) ->
+    ``frame_features (B, C, T)`` and ``pool`` frame_features + masks (B, F, L) -> embeddings (B, L, D)
+    [...]. One trunk frame every ``frame_hop_samples``. Called directly, every row is its own tile
+    (the exact shared-trunk numbers); ``embed_tiled`` shares tiles between overlapping chunks.
+    """
+
+    def __init__(self, trunk: RunnableModel, pool: RunnableModel, frame_hop_samples: int) -> None:
+        self.trunk, self.pool, self.frame_hop_samples = trunk, pool, int(frame_hop_samples)
+        self.inputs: list[TensorSpec] = [*trunk.inputs, *(s for s in pool.inputs if s.name != "frame_features")]
+        self.outputs: list[TensorSpec] = list(pool.outputs)
+        self.trunk_frames = int(next(s for s in trunk.outputs if s.name == "frame_features").shape[-1])
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        masks = inputs.pop("masks")
+        frames = run_batched_all(self.trunk, inputs)["frame_features"]
+        return run_batched_all(self.pool, {"frame_features": frames, "masks": masks})
+
+    def sync(self) -> None:
+        self.trunk.sync()
+        self.pool.sync()
+
+
+def tile_plan(starts: np.ndarray, frame_hop_samples: int, trunk_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(tiles, boundaries)``: chunk indices whose trunk frames tile the recording, in order, and for
+    each pair of consecutive tiles the first frame (in hops from sample 0) the later one provides.
+
+    Greedy over the chunks on the frame grid (start a multiple of the hop): the next tile is the
+    furthest chunk that still starts within the current tile's frames, so frames are contiguous
+    (every 9th chunk at a 1 s step: 499 frames per 10 s chunk); where tiles overlap, the switch is
+    in the middle of the overlap. A chunk off the grid (the end-aligned last chunk) is a tile alone.
+    """
+    offsets = starts // frame_hop_samples
+    on_grid = np.flatnonzero(starts % frame_hop_samples == 0)
+    tiles = [int(on_grid[0])] if len(on_grid) else []
+    boundaries: list[int] = []
+    while tiles and tiles[-1] != on_grid[-1]:
+        current = tiles[-1]
+        reachable = on_grid[(on_grid > current) & (offsets[on_grid] <= offsets[current] + trunk_frames)]
+        following = int(reachable[-1]) if len(reachable) else int(on_grid[on_grid > current][0])
+        current_end = offsets[current] + trunk_frames
+        boundaries.append(int((offsets[following] + current_end) // 2) if offsets[following] < current_end
+                          else int(offsets[following]))
+        tiles.append(following)
+    tiles += [int(c) for c in np.flatnonzero(starts % frame_hop_samples)]  # after the grid's: no boundary
+    return np.array(tiles, dtype=np.int64), np.array(boundaries, dtype=np.int64)
+
+
+def embed_tiled(model: TiledTrunk, audio: np.ndarray, starts: np.ndarray, chunk_samples: int, masks: np.ndarray,
+                active: np.ndarray, batch_size: int, results: dict[str, np.ndarray],
+                on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Fill ``results`` (``_nan_outputs``) for the chunks with an active speaker, ``batch_size`` tiles
+    per trunk call and chunks per pooling call. Tiles are computed in order and dropped once no later
+    chunk needs them, so memory does not grow with the recording."""
+    hop, length = model.frame_hop_samples, model.trunk_frames
+    tiles, boundaries = tile_plan(starts, hop, length)
+    tile_offsets = starts[tiles] // hop
+    frames_cache: dict[int, np.ndarray] = {}  # position in ``tiles`` -> (C, T) trunk frames
+
+    def sources(chunk: int) -> list[tuple[int, int, int]]:
+        """``(tile position, first frame in the tile, frames)`` runs that make up ``chunk``'s frames."""
+        if starts[chunk] % hop:  # off the grid: its own tile
+            return [(int(np.flatnonzero(tiles == chunk)[0]), 0, length)]
+        frame = starts[chunk] // hop + np.arange(length)
+        owner = np.searchsorted(boundaries, frame, side="right")
+        runs = np.flatnonzero(np.diff(owner)) + 1
+        return [(int(owner[a]), int(frame[a] - tile_offsets[owner[a]]), int(b - a))
+                for a, b in zip([0, *runs], [*runs, length])]
+
+    chunk_rows = np.flatnonzero(active.any(axis=1))
+    plans = {int(c): sources(int(c)) for c in chunk_rows}
+    needed = sorted({position for runs in plans.values() for position, _, _ in runs})
+
+    def ensure(positions: set[int]) -> None:
+        missing = [p for p in needed if p in positions and p not in frames_cache]
+        if not missing:
+            return
+        prefetch = max(0, batch_size - len(missing))  # a chunk may need more tiles than a batch holds
+        batch = missing + [p for p in needed if p > missing[-1] and p not in frames_cache][:prefetch]
+        waveforms = make_chunks(audio, starts[tiles[batch]], chunk_samples)
+        frames = run_batched_all(model.trunk, {model.trunk.inputs[0].name: waveforms})["frame_features"]
+        frames_cache.update(zip(batch, frames))
+
+    for first in range(0, len(chunk_rows), batch_size):
+        chunks = chunk_rows[first: first + batch_size]
+        positions = {position for c in chunks for position, _, _ in plans[int(c)]}
+        for stale in [p for p in frames_cache if p < min(positions)]:
+            del frames_cache[stale]
+        ensure(positions)
+        features = np.stack([np.concatenate([frames_cache[p][:, a: a + n] for p, a, n in plans[int(c)]], axis=1)
+                             for c in chunks])
+        outputs = run_batched_all(model.pool, {"frame_features": features,
+                                               "masks": np.ascontiguousarray(masks[chunks], dtype=np.float32)})
+        for name, value in outputs.items():
+            if name in results:
+                results[name][chunks] = value
+        if on_batch is not None:
+            on_batch(int(active[chunks].sum()))
+    return mask_inactive(results, active)
 
 
 def mask_inactive(results: dict[str, np.ndarray], active: np.ndarray) -> dict[str, np.ndarray]:

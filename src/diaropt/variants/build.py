@@ -180,7 +180,7 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
         weights = weights_sha["segmentation" if stage.kind in ("segmentation", "preprocessor") else "embedding"]
         variant = {"kind": stage.kind, "weights_sha256": weights, "quant": mode, "backend": backend,
                    "tools": _tool_versions(), **stage.variant}
-        if stage.kind in ("embedding", "fbank"):
+        if stage.kind in ("embedding", "embedding_pool", "fbank"):
             variant.update(embedding=_value(cfg.embedding.name), frame_extraction=_value(cfg.frame_extraction.mode),
                            frame_batch_size=cfg.frame_extraction.batch_size)
         # which switches this model realizes (info.json; numeric flags reach the tracked graph metrics)
@@ -214,9 +214,31 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
         fbank_load, network_load = built["fbank"].load, embedding.load
         embedding = BuiltModel("embedding", backend, embedding.path, embedding.info,
                                lambda: fusion.ChainedModel([fbank_load(), network_load()]))
+    if "embedding_pool" in built:
+        embedding = _tiled_embedding(cfg, modules["embedding"], embedding, built["embedding_pool"])
     return BuiltModels(backend, built["segmentation"], embedding, embedding_dim, weights_sha,
                        preprocessor=built.get("preprocessor"), fbank=built.get("fbank"), stages=stage_models,
                        fusion=realized)
+
+
+def _tiled_embedding(cfg: DictConfig, embedding: torch.nn.Module, trunk: BuiltModel,
+                     pool: BuiltModel) -> BuiltModel:
+    """``embedding.tiled_trunk``: the trunk and the pooling model as one embedding-stage model
+    (``pipeline.embedding.TiledTrunk``). The chunk step must be a whole number of trunk frames."""
+    from diaropt.models.segmentation import SAMPLE_RATE_HZ
+    from diaropt.pipeline.embedding import TiledTrunk
+
+    frame_hop_samples = int(embedding.fbank.frame_shift) * int(embedding.network.time_stride)
+    step_samples = cfg.segmentation.step_s * SAMPLE_RATE_HZ
+    if abs(step_samples / frame_hop_samples - round(step_samples / frame_hop_samples)) > 1e-6:
+        raise BackendUnavailable(
+            f"embedding.tiled_trunk: segmentation.step_s={cfg.segmentation.step_s} is not a whole number of "
+            f"{_value(cfg.embedding.name)}'s trunk frames ({1000 * frame_hop_samples / SAMPLE_RATE_HZ:g} ms each), "
+            "so a chunk's frames would not line up with its tiles'")
+    info = {**trunk.info, "content_key": content_key({"trunk": trunk.info.get("content_key"),
+                                                      "pool": pool.info.get("content_key")})}
+    return BuiltModel("embedding", trunk.backend, trunk.path, info,
+                      lambda: TiledTrunk(trunk.load(), pool.load(), frame_hop_samples))
 
 
 def _chain_model(backend: str, stages: list[BuiltModel], cache_root: Path, compute_unit: str) -> BuiltModel:

@@ -28,9 +28,16 @@ S = 160000 samples per chunk, N = 998 fbank frames, D embedding dim):
 | ``embedding.shared_trunk``             | per-chunk embedding: waveforms (B, S) + masks (B, F, L) ->   |
 |                                        | embeddings (B, L, D), the trunk once per chunk, each slot's  |
 |                                        | mask applied at the masked statistics pooling only           |
+| ``embedding.tiled_trunk``              | the embedding stage as two models: the trunk waveforms       |
+|                                        | (B, S) -> frame_features (B, C, T) run on chunks that tile   |
+|                                        | the recording (``pipeline.embedding.embed_tiled``), and a    |
+|                                        | pooling model frame_features (B, C, T) + masks (B, F, L) ->  |
+|                                        | embeddings (B, L, D) per chunk. Needs ``shared_trunk``; not  |
+|                                        | exact (a chunk's frames come from its tiles' context)        |
 
 Every fused model gives the numbers of the unfused stages (same ops on each row), so the
-pipeline's outputs do not change; ``tests/test_fusion.py`` checks it per switch.
+pipeline's outputs do not change; ``tests/test_fusion.py`` checks it per switch. The exception is
+``tiled_trunk``, an approximation measured by DER (``tests/test_tiled_trunk.py``).
 """
 
 from __future__ import annotations
@@ -49,9 +56,9 @@ from diaropt.pipeline.preprocessing import POWERSET_MAPPING
 CHUNK_SAMPLES = int(CHUNK_DURATION_S * SAMPLE_RATE_HZ)
 NUM_FRAMES = PyanNet.num_output_frames(CHUNK_SAMPLES)
 #: Switch names as recorded (``fusion_<name>`` metrics); ``fbank_model_separate`` is
-#: ``fusion.fbank_in_embedding_model=false``, ``shared_trunk`` is ``embedding.shared_trunk``.
+#: ``fusion.fbank_in_embedding_model=false``, ``shared_trunk`` / ``tiled_trunk`` are ``embedding.*``.
 SWITCHES: tuple[str, ...] = ("clean_frames_in_graph", "segmentation_with_preprocessor", "embedding_with_post",
-                             "coreml_pipeline", "fbank_model_separate", "shared_trunk")
+                             "coreml_pipeline", "fbank_model_separate", "shared_trunk", "tiled_trunk")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,13 +77,15 @@ class FusionPlan:
     shared_trunk: bool = False
     min_num_clean_frames: int = 10
     min_active_frames: int = 1
+    tiled_trunk: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> FusionPlan:
         f = cfg.fusion
         return cls(bool(f.clean_frames_in_graph), bool(f.segmentation_with_preprocessor),
                    bool(f.embedding_with_post), bool(f.coreml_pipeline), bool(f.fbank_in_embedding_model),
-                   bool(cfg.embedding.shared_trunk), int(cfg.embedding.min_num_clean_frames))
+                   bool(cfg.embedding.shared_trunk), int(cfg.embedding.min_num_clean_frames),
+                   tiled_trunk=bool(cfg.embedding.tiled_trunk))
 
     @property
     def per_chunk_embedding(self) -> bool:
@@ -92,7 +101,8 @@ class FusionPlan:
         on = {"clean_frames_in_graph": self.clean_frames_in_graph,
               "segmentation_with_preprocessor": self.segmentation_with_preprocessor,
               "embedding_with_post": self.embedding_with_post, "coreml_pipeline": self.coreml_pipeline,
-              "fbank_model_separate": not self.fbank_in_embedding_model, "shared_trunk": self.shared_trunk}
+              "fbank_model_separate": not self.fbank_in_embedding_model, "shared_trunk": self.shared_trunk,
+              "tiled_trunk": self.tiled_trunk}
         return {name: int(on[name]) for name in SWITCHES}
 
     def check(self) -> None:
@@ -102,6 +112,12 @@ class FusionPlan:
                 "fusion.coreml_pipeline chains the segmentation and embedding models, so the embedding masks "
                 "must come out of a graph: it needs fusion.clean_frames_in_graph=true (with false the masks "
                 "are computed in numpy between the two models)")
+        if self.tiled_trunk and not self.shared_trunk:
+            raise BackendUnavailable("embedding.tiled_trunk pools each chunk's speakers over the shared trunk's "
+                                     "frames: it needs embedding.shared_trunk=true")
+        if self.tiled_trunk and self.coreml_pipeline:
+            raise BackendUnavailable("embedding.tiled_trunk assembles each chunk's trunk frames in numpy between "
+                                     "two models, so it cannot run inside fusion.coreml_pipeline's single chain")
 
 
 @dataclass(frozen=True)
@@ -170,6 +186,9 @@ def stage_specs(plan: FusionPlan, segmentation: nn.Module, embedding: nn.Module,
         emb_switches.append("fbank_model_separate")
     else:
         emb_input = TensorSpec("waveforms", (Be, S))
+    if plan.tiled_trunk:
+        stages += tiled_stage_specs(plan, embedding, emb_input, Be, tuple(emb_switches))
+        return stages
     per_chunk = plan.per_chunk_embedding
     module = FusedEmbedding(embedding, fbank_in_model=plan.fbank_in_embedding_model, per_chunk=per_chunk,
                             shared_trunk=plan.shared_trunk, with_post=plan.embedding_with_post)
@@ -186,6 +205,28 @@ def stage_specs(plan: FusionPlan, segmentation: nn.Module, embedding: nn.Module,
     stages.append(StageSpec("embedding", module if variant else embedding, [emb_input, masks], outputs, "embedding",
                             variant, tuple(emb_switches)))
     return stages
+
+
+def tiled_stage_specs(plan: FusionPlan, embedding: nn.Module, emb_input: TensorSpec, batch: int,
+                      switches: tuple[str, ...]) -> list[StageSpec]:
+    """``embedding.tiled_trunk``: the trunk (kind ``embedding``, quantized as the embedding) and the
+    pooling model (kind ``embedding_pool``, fp32: a statistics pooling and one dense layer)."""
+    F, L = NUM_FRAMES, NUM_LOCAL_SPEAKERS
+    trunk = TrunkFeatures(embedding, fbank_in_model=plan.fbank_in_embedding_model)
+    with torch.no_grad():
+        channels, trunk_frames = trunk(torch.zeros((1, *emb_input.shape[1:]))).shape[1:]
+    frame_features = TensorSpec("frame_features", (batch, int(channels), int(trunk_frames)))
+    pool = SlotPooling(embedding, with_post=plan.embedding_with_post)
+    D = int(embedding.embedding_dim)
+    outputs = [TensorSpec("embeddings", (batch, L, D))]
+    pool_switches: tuple[str, ...] = ()
+    if plan.embedding_with_post:
+        outputs += [TensorSpec("unit_embeddings", (batch, L, D)), TensorSpec("distances", (batch, L, L))]
+        pool_switches = ("embedding_with_post",)
+    return [StageSpec("embedding", trunk, [emb_input], [frame_features], "embedding", trunk.variant(),
+                      (*switches, "shared_trunk", "tiled_trunk")),
+            StageSpec("embedding_pool", pool, [frame_features, TensorSpec("masks", (batch, F, L))], outputs, None,
+                      pool.variant(), pool_switches)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,22 +340,63 @@ class FusedEmbedding(nn.Module):
         if not self.per_chunk:
             embeddings = self.network(self._features(x), masks)  # (B, D)
             return (embeddings, unit_rows(embeddings)) if self.with_post else embeddings
-        num_slots, num_mask_frames = int(masks.shape[2]), int(masks.shape[1])
         if self.shared_trunk:
-            slot_masks = masks.transpose(1, 2).reshape(-1, num_mask_frames)  # (B * L, F), chunk-major
-            frames = self.network.frame_features(self._features(x))  # (B, C, T)
-            channels, length = int(frames.shape[1]), int(frames.shape[2])
-            per_slot = frames.unsqueeze(1).expand(-1, num_slots, -1, -1).reshape(-1, channels, length)
-            embeddings = self.network.pool_and_embed(per_slot, slot_masks)
-            embeddings = embeddings.reshape(-1, num_slots, self.embedding_dim)  # (B, L, D)
+            embeddings = pool_slots(self.network, self.network.frame_features(self._features(x)), masks)
         else:  # the whole network per slot, B rows at a time (the baseline's compute and memory per call)
             features = self._features(x)
-            embeddings = torch.stack([self.network(features, masks[:, :, slot]) for slot in range(num_slots)], dim=1)
-        if not self.with_post:
-            return embeddings
-        unit = unit_rows(embeddings)
-        distances = 1.0 - unit @ unit.transpose(1, 2)
-        return embeddings, unit, distances
+            embeddings = torch.stack([self.network(features, masks[:, :, slot]) for slot in range(int(masks.shape[2]))],
+                                     dim=1)
+        return with_post_outputs(embeddings) if self.with_post else embeddings
+
+
+def pool_slots(network: nn.Module, frames: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Trunk frames (B, C, T) + masks (B, F, L) -> embeddings (B, L, D): each slot's mask pooled over
+    its chunk's frames (``network.pool_and_embed``)."""
+    num_slots, num_mask_frames = int(masks.shape[2]), int(masks.shape[1])
+    slot_masks = masks.transpose(1, 2).reshape(-1, num_mask_frames)  # (B * L, F), chunk-major
+    channels, length = int(frames.shape[1]), int(frames.shape[2])
+    per_slot = frames.unsqueeze(1).expand(-1, num_slots, -1, -1).reshape(-1, channels, length)
+    embeddings = network.pool_and_embed(per_slot, slot_masks)
+    return embeddings.reshape(-1, num_slots, int(embeddings.shape[-1]))  # (B, L, D)
+
+
+def with_post_outputs(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, D) -> (embeddings, unit_embeddings (B, L, D), distances (B, L, L) = 1 - cosine)."""
+    unit = unit_rows(embeddings)
+    return embeddings, unit, 1.0 - unit @ unit.transpose(1, 2)
+
+
+class TrunkFeatures(nn.Module):
+    """``embedding.tiled_trunk``'s first model: waveforms (B, S) [or features (B, N, 80)] ->
+    frame_features (B, C, T), the network up to (not including) the masked pooling."""
+
+    def __init__(self, embedding: nn.Module, fbank_in_model: bool = True) -> None:
+        super().__init__()
+        self.fbank = embedding.fbank if fbank_in_model else None
+        self.network = embedding.network
+
+    def variant(self) -> dict[str, Any]:
+        return {"embedding_fusion": {"fbank_in_model": self.fbank is not None, "stage": "trunk"}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network.frame_features(self.fbank(x) if self.fbank is not None else x)
+
+
+class SlotPooling(nn.Module):
+    """``embedding.tiled_trunk``'s second model: frame_features (B, C, T) + masks (B, F, L) ->
+    embeddings (B, L, D) [+ unit_embeddings, distances with ``with_post``]."""
+
+    def __init__(self, embedding: nn.Module, with_post: bool = False) -> None:
+        super().__init__()
+        self.network = embedding.network
+        self.with_post = with_post
+
+    def variant(self) -> dict[str, Any]:
+        return {"embedding_fusion": {"stage": "pool", "with_post": self.with_post}}
+
+    def forward(self, frame_features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        embeddings = pool_slots(self.network, frame_features, masks)
+        return with_post_outputs(embeddings) if self.with_post else embeddings
 
 
 # ----------------------------------------------------------------------------------------------
