@@ -11,7 +11,8 @@ Recordings (built reproducibly, cached under the diaropt cache dir):
   reason printed, if that folder is absent.
 
 Configurations, all loaded once in this one process: ``seed_baseline`` (``experiment=seed_baseline``:
-per-frame extraction, fp32, the first batch sizes), the candidates (default, ``embedding.shared_trunk``)
+per-frame extraction, fp32, per-pair embedding, the first batch sizes), the candidates (default: the
+tiled trunk; ``shared_trunk``: the trunk once per chunk, exact)
 and the "recommended" one: ``--recommended``, else the report's preset (:func:`report_preset`), else the
 fastest candidate whose DER on ``ami`` is within ``--der-tolerance-pts`` of seed_baseline's. Repeats
 are interleaved (round r runs every configuration once, in a rotated order) so that load from other
@@ -38,8 +39,9 @@ from diaropt.variants.build import _value
 
 BASELINE = "seed_baseline"
 BASELINE_OVERRIDES = ["experiment=seed_baseline"]
-# the exact optimization alone (outputs unchanged), to separate it from the recommended preset's other axes
-CANDIDATES = {"default": [], "shared_trunk": ["embedding.shared_trunk=true"]}
+# the exact optimization alone (outputs unchanged), to separate it from the default's tiled trunk and
+# the recommended preset's other axes
+CANDIDATES = {"default": [], "shared_trunk": ["embedding.shared_trunk=true", "embedding.tiled_trunk=false"]}
 DEFAULT_SOURCE_DIR = REPO_ROOT.parent / "shared" / "data" / "librispeech_test-other"
 TIMING_KEYS = [f"time_{stage}_s" for stage in STAGES] + ["time_total_s", "rtfx"]
 SCORE_KEYS = ("der_pyannote", "der_fluidaudio", "jer_pyannote", "missed_pyannote",

@@ -149,8 +149,25 @@ def profile_with_cprofile(length_min: float, timings_path: Path) -> dict[str, An
             "top_inclusive_in_run": [{"frame": f, "seconds": c} for _, c, f in by_cumulative[:20]]}
 
 
+def _feeds(session: Any, chunks: Any, batch: int) -> dict[str, Any]:
+    """Inputs for one batch by name: real waveforms, all-one masks, the trunk's frames of the chunks
+    for the pooling model (the tiled trunk's second model)."""
+    import numpy as np
+
+    feeds: dict[str, Any] = {}
+    for spec in session.get_inputs():
+        shape = (batch, *spec.shape[1:])
+        if spec.name == "waveforms":
+            feeds[spec.name] = chunks.reshape(shape)
+        elif spec.name == "masks":
+            feeds[spec.name] = np.ones(shape, np.float32)
+        else:  # frame_features: ReLU outputs, any non-negative values exercise the same kernels
+            feeds[spec.name] = np.abs(np.random.default_rng(0).standard_normal(shape)).astype(np.float32)
+    return feeds
+
+
 def onnxruntime_op_profile(length_min: float, batches: int = 3) -> dict[str, Any]:
-    """ONNX Runtime's own per-node profile of both default models on real chunks (op types by time).
+    """ONNX Runtime's own per-node profile of every default model on real chunks (op types by time).
 
     py-spy cannot name ORT's kernels (stripped wheel); ORT's profiler can. Same model files, session
     options as the backend (default intra-op threads, one inter-op thread), profiling on.
@@ -163,14 +180,15 @@ def onnxruntime_op_profile(length_min: float, batches: int = 3) -> dict[str, Any
     from diaropt.data.long_form import load_ami_long_form
     from diaropt.pipeline.audio import load_audio, make_chunks
     from diaropt.variants.build import build_models
-    from diaropt.variants.fusion import CHUNK_SAMPLES, NUM_FRAMES
+    from diaropt.variants.fusion import CHUNK_SAMPLES
 
     cfg = compose(["tracking.enabled=false"])
     built = build_models(cfg)
     dataset, _ = load_ami_long_form(60 * length_min, Path(default_cache_dir()) / "datasets")
     audio = load_audio(dataset.items[0].audio_path)
     out: dict[str, Any] = {}
-    for model, batch in ((built.segmentation, cfg.segmentation.batch_size), (built.embedding, cfg.embedding.batch_size)):
+    for model in built.stages:
+        batch = cfg.segmentation.batch_size if model.kind == "segmentation" else cfg.embedding.batch_size
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
         options.enable_profiling = True
@@ -180,9 +198,7 @@ def onnxruntime_op_profile(length_min: float, batches: int = 3) -> dict[str, Any
             for index in range(batches + 1):  # the first batch is a warm-up, still profiled: dropped below
                 starts = (np.arange(batch) + index * batch) * 16000 % max(len(audio) - CHUNK_SAMPLES, 1)
                 chunks = make_chunks(audio, starts.astype(np.int64), CHUNK_SAMPLES)
-                feeds = ({"waveforms": chunks[:, None, :]} if model.kind == "segmentation"
-                         else {"waveforms": chunks, "masks": np.ones((batch, NUM_FRAMES), np.float32)})
-                session.run(None, feeds)
+                session.run(None, _feeds(session, chunks, batch))
             events = json.loads(Path(session.end_profiling()).read_text())
         runs = [e for e in events if e.get("name") == "model_run"]
         cutoff = runs[0]["ts"] + runs[0]["dur"] if runs else 0

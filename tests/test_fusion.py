@@ -216,6 +216,8 @@ def test_chained_model_feeds_by_name():
 # end to end: fusion on vs off gives the same arrays and annotation
 
 
+#: the exact embedding paths only (the default tiled trunk is an approximation: tests/test_tiled_trunk.py)
+EXACT_EMBEDDING = ["embedding.tiled_trunk=false", "embedding.shared_trunk=false"]
 BASELINE: list[str] = []
 VARIANTS = {
     "clean_frames_in_graph": ["fusion.clean_frames_in_graph=true"],
@@ -237,7 +239,7 @@ def _run(backend: str, overrides: list[str], audio: np.ndarray, cache_dir):
     from diaropt.variants.build import build_models
 
     cfg = compose([f"backend={backend}", "compute_unit=cpu_only", f"paths.cache_dir={cache_dir}",
-                   "embedding.batch_size=4", "segmentation.batch_size=4", *overrides])
+                   "embedding.batch_size=4", "segmentation.batch_size=4", *EXACT_EMBEDDING, *overrides])
     built = build_models(cfg)
     pipeline = load_pipeline(cfg, built, StageTimer())
     return built, pipeline(audio, "dev00", keep_arrays=True)

@@ -75,4 +75,9 @@ def test_reference_config_keeps_the_job_data_and_clustering():
     assert reference.clustering.threshold == 0.7 and reference.dataset.name == "sample"
     assert reference.cache_arrays and reference.frame_extraction.mode.value == "batched"
     assert is_reference(reference, "torch") and not is_reference(cfg, "onnxruntime")
-    assert not is_reference(compose(["backend=torch", "embedding.shared_trunk=true"]), "torch")
+    assert not is_reference(compose(["backend=torch", "embedding.shared_trunk=true", "embedding.tiled_trunk=false"]),
+                            "torch")
+    exact = compose(["embedding.tiled_trunk=false", "backend=onnxruntime"])
+    assert reference_config(exact).embedding.shared_trunk is False  # exact paths: the per-pair reference
+    tiled = reference_config(compose(["embedding.tiled_trunk=true"]))  # an approximation: judged by DER
+    assert tiled.embedding.shared_trunk and tiled.embedding.tiled_trunk and is_reference(tiled, "torch")

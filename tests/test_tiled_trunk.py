@@ -165,7 +165,7 @@ def test_tiled_pipeline_end_to_end_close_to_the_shared_trunk(dev00_audio, tmp_pa
         built = build_models(cfg)
         return built, load_pipeline(cfg, built, StageTimer())(dev00_audio, "dev00", keep_arrays=True)
 
-    _, shared = run()
+    _, shared = run("embedding.tiled_trunk=false")
     built, tiled = run("embedding.tiled_trunk=true")
     assert built.fusion["tiled_trunk"] == 1 and {m.kind for m in built.stages} >= {"embedding", "embedding_pool"}
     np.testing.assert_array_equal(tiled.arrays["active"], shared.arrays["active"])
@@ -175,7 +175,7 @@ def test_tiled_pipeline_end_to_end_close_to_the_shared_trunk(dev00_audio, tmp_pa
     assert np.median(cosine) > 0.9 and not np.allclose(a, b, atol=1e-4)  # close, not the same numbers
     assert set(tiled.annotation.labels()) and len(tiled.annotation.labels()) == len(shared.annotation.labels())
 
-    _, shared_10 = run("segmentation.step_s=10")
+    _, shared_10 = run("segmentation.step_s=10", "embedding.tiled_trunk=false")
     _, tiled_10 = run("segmentation.step_s=10", "embedding.tiled_trunk=true")
     np.testing.assert_allclose(tiled_10.arrays["embeddings"], shared_10.arrays["embeddings"], atol=1e-5)
 

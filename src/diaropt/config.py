@@ -128,13 +128,18 @@ class SegmentationConfig:
 @dataclass
 class EmbeddingConfig:
     name: EmbeddingName = EmbeddingName.campplus
-    batch_size: int = 4  # (chunk, speaker) rows per call, or chunks with shared_trunk; see segmentation
+    # rows per call: (chunk, speaker) pairs; chunks with shared_trunk; tiles and chunks with tiled_trunk
+    batch_size: int = 4  # see segmentation.batch_size
     checkpoint: Optional[str] = None  # local path or hub id; None: pinned weights (CAM++)
     min_num_clean_frames: int = 10
-    shared_trunk: bool = False
+    # the network before pooling once per chunk, each speaker's mask applied at the pooling (exact);
+    # false: the whole network once per (chunk, speaker), as pyannote and the design note do
+    shared_trunk: bool = True
     # with shared_trunk: run the trunk only on chunks that tile the recording and pool every chunk's
-    # speakers over its stretch of the tiles' frames (~10x fewer trunk runs at step 1 s; approximate)
-    tiled_trunk: bool = False
+    # speakers over its stretch of the tiles' frames (~9x fewer trunk runs at a 1 s step; approximate:
+    # DER within +-0.5 points or better on the long-form benchmarks, benchmarks/results/SUMMARY.md).
+    # Both false: the original per-pair embedding (experiment=seed_baseline)
+    tiled_trunk: bool = True
     # speaker tracking: embed every k-th chunk (and the last); link the other chunks' speakers to
     # them by co-activity in the overlap (diaropt.pipeline.tracking). 1: embed every active speaker
     anchor_every: int = 1

@@ -40,12 +40,18 @@ REFERENCE_SETTINGS: dict[str, Any] = {
 }
 
 
+def reference_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``REFERENCE_SETTINGS`` that apply to ``cfg``: a tiled-trunk job keeps its shared trunk (the
+    tiles need it), so its reference tiles as the job does."""
+    if OmegaConf.select(cfg, "embedding.tiled_trunk", default=False):
+        return {k: v for k, v in REFERENCE_SETTINGS.items() if k != "embedding.shared_trunk"}
+    return REFERENCE_SETTINGS
+
+
 def reference_config(cfg: DictConfig) -> DictConfig:
     """``cfg`` with the reference settings applied (a copy)."""
     reference = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
-    for key, value in REFERENCE_SETTINGS.items():
-        if key == "embedding.shared_trunk" and OmegaConf.select(reference, "embedding.tiled_trunk", default=False):
-            continue  # the tiled trunk needs it; the reference then tiles as the job does
+    for key, value in reference_settings(cfg).items():
         if OmegaConf.select(reference, key, default="__missing__") != "__missing__":
             OmegaConf.update(reference, key, value, merge=False)
     return reference
@@ -57,7 +63,7 @@ def is_reference(cfg: DictConfig, backend: str) -> bool:
 
     if backend != "torch":
         return False
-    for key, value in REFERENCE_SETTINGS.items():
+    for key, value in reference_settings(cfg).items():
         if key in ("backend.name", "repeats", "cache_arrays"):
             continue
         current = OmegaConf.select(cfg, key, default=value)
