@@ -8,7 +8,7 @@ with inputs ``waveforms (batch, chunk_samples)`` and ``masks (batch, num_frames)
 num_frames, 3)`` -> ``embeddings (batch, 3, dimension)``; ``variants.fusion`` builds both.
 
 ``embedding.tiled_trunk`` (``TiledTrunk``, ``embed_tiled``): the trunk runs only on chunks that tile
-the recording (one every ~10 s instead of every step); each embedded chunk's trunk frames are cut
+the recording (one every ~9 s instead of one per step); each embedded chunk's trunk frames are cut
 from its tiles and pooled per speaker by a second model. Not exact: a frame carries the context
 (mean normalisation, CAM++'s global context) of its tile instead of its chunk.
 """
@@ -164,9 +164,11 @@ def embed_tiled(model: TiledTrunk, audio: np.ndarray, starts: np.ndarray, chunk_
             return
         prefetch = max(0, batch_size - len(missing))  # a chunk may need more tiles than a batch holds
         batch = missing + [p for p in needed if p > missing[-1] and p not in frames_cache][:prefetch]
-        waveforms = make_chunks(audio, starts[tiles[batch]], chunk_samples)
-        frames = run_batched_all(model.trunk, {model.trunk.inputs[0].name: waveforms})["frame_features"]
-        frames_cache.update(zip(batch, frames))
+        for first in range(0, len(batch), batch_size):  # fixed-batch models (Core ML) take batch_size rows
+            part = batch[first: first + batch_size]
+            waveforms = make_chunks(audio, starts[tiles[part]], chunk_samples)
+            frames = run_batched_all(model.trunk, {model.trunk.inputs[0].name: waveforms})["frame_features"]
+            frames_cache.update(zip(part, frames))
 
     for first in range(0, len(chunk_rows), batch_size):
         chunks = chunk_rows[first: first + batch_size]
