@@ -1,4 +1,4 @@
-"""Run every benchmark in sequence (slow: about 75 min on 2 free cores), results in benchmarks/results/.
+"""Run every benchmark in sequence (slow: about 35 min on 2 free cores), results in benchmarks/results/.
 
     python benchmarks/run_all.py [--quick] [--repeats N]
 
