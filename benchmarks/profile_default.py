@@ -265,7 +265,7 @@ def main() -> None:
     lines = [f"profile of the default configuration ({results['recording']}), {results['profiler']}",
              f"commit {results['commit']}  date {results['date']}  load {results['load_average_start']} -> "
              f"{results['load_average_end']}",
-             f"stage times (s): " + ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in results["timings"].items()
+             "stage times (s): " + ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in results["timings"].items()
                                               if k.startswith("time_") and k.endswith("_s")), ""]
     for key in ("stage_share_of_run_samples",):
         if key in summary:

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 from pyannote.core import Annotation, Segment
 
-from diaropt.data import DataError, Dataset, DatasetItem, load_dataset, load_rttm
+from diaropt.data import DataError, Dataset, DatasetItem, load_dataset
 from diaropt.data.datasets import (
     AMI_DEBUG_URIS,
     AMI_MINI_URIS,

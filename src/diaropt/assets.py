@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -38,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+
+from diaropt.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -261,11 +262,8 @@ def _extract(key: str, cache_dir: Path) -> None:
         if digest != member.sha256:
             raise AssetError(f"{member.archive_path} in {archive_path} has sha256 {digest}, "
                              f"expected {member.sha256}")
-        path = root / member.relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # atomic: a reader never sees a partial file
+        with atomic_path(root / member.relpath) as tmp:  # a reader never sees a partial file
+            tmp.write_bytes(data)
 
 
 def ensure(key: str, cache_dir: Path | None = None) -> Path:

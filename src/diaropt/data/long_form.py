@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from pyannote.core import Annotation, Segment, Timeline
 
 from diaropt.data.annotations import DataError, write_rttm
 from diaropt.data.datasets import AMI_DEBUG_URIS, Dataset, DatasetItem, load_ami_debug_all
+from diaropt.files import atomic_path
 
 __all__ = ["AMI_LONG_FORM_URIS", "LongForm", "load_ami_long_form", "make_long_form", "overlap_fraction"]
 
@@ -147,10 +146,8 @@ def load_ami_long_form(target_duration_s: float, cache_dir: str | Path, ami_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_rttm(layout.reference, out_dir / f"{uri}.rttm", uri=uri)
         (out_dir / "placements.json").write_text(json.dumps(layout.placements))
-        handle, tmp = tempfile.mkstemp(suffix=".wav", dir=out_dir)
-        os.close(handle)
-        sf.write(tmp, render_long_form(layout, items), layout.sample_rate_hz, subtype="PCM_16")
-        os.replace(tmp, audio_path)  # atomic: a concurrent reader never sees a partial file
+        with atomic_path(audio_path) as tmp:  # a concurrent reader never sees a partial file
+            sf.write(tmp, render_long_form(layout, items), layout.sample_rate_hz, subtype="PCM_16")
     item = DatasetItem(uri, audio_path, layout.reference, layout.uem)
     return Dataset("ami_long_form", [item]), layout
 

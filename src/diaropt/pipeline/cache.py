@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from diaropt.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,5 @@ class ArrayCache:
         return arrays
 
     def save(self, key: str, arrays: dict[str, np.ndarray]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{key}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **arrays, **{_CHECKSUM: np.array(_arrays_sha256(arrays))})
-        os.replace(tmp, self.root / f"{key}.npz")
+        with atomic_path(self.root / f"{key}.npz") as tmp:
+            np.savez(tmp, **arrays, **{_CHECKSUM: np.array(_arrays_sha256(arrays))})
