@@ -175,7 +175,7 @@ def main() -> None:
         seconds = aggregate[f"time_{stage}_s"]
         achieved = total / seconds / 1e9
         stages[stage] = {"items": count, "items_per_audio_s": count / duration_s,
-                         "gflop_per_item": total / count / 1e9,
+                         "gflop_per_item": total / max(count, 1) / 1e9,
                          "gflop_per_audio_s": total / duration_s / 1e9, "gflop_total": total / 1e9,
                          "time_s": seconds, "achieved_gflops": achieved,
                          "fraction_of_peak": achieved / peak,
@@ -196,7 +196,8 @@ def main() -> None:
     results["cpu_time_view"] = cpu_view
     print(f"CPU-time view: {cpu_s:.0f} CPU-s over {wall_s:.0f} s wall; {cpu_view['network_gflop_per_cpu_s']:.1f} GFLOP "
           f"per CPU-s = {100 * cpu_view['fraction_of_per_thread_peak']:.1f} % of the per-thread peak", flush=True)
-    results.update({"flops": flops, "counted_run": counted, "matmul_gflops_before": peak_before, "matmul_gflops_after": peak_after,
+    results.update({"flops": flops, "counted_run": counted, "matmul_gflops_before": peak_before,
+                    "matmul_gflops_after": peak_after,
                     "peak_gflops": peak, "recording": {"uri": row["uri"], "duration_s": duration_s},
                     "measured": {k: aggregate[k] for k in aggregate if k.startswith(("time_", "rtfx", "der_"))},
                     "stages": stages, "networks_gflop_per_audio_s": network_gflop_per_s,

@@ -137,7 +137,7 @@ class EmbeddingConfig:
     shared_trunk: bool = True
     # with shared_trunk: run the trunk only on chunks that tile the recording and pool every chunk's
     # speakers over its stretch of the tiles' frames (~9x fewer trunk runs at a 1 s step; approximate:
-    # DER within +-0.5 points or better on the long-form benchmarks, benchmarks/results/SUMMARY.md).
+    # DER +0.04 / +0.53 points on the 17 min synthetic / AMI benchmarks, benchmarks/results/SUMMARY.md).
     # Both false: the original per-pair embedding (experiment=seed_baseline)
     tiled_trunk: bool = True
     # speaker tracking: embed every k-th chunk (and the last); link the other chunks' speakers to
