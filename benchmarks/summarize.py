@@ -130,7 +130,7 @@ def profile_section(result: dict[str, Any]) -> list[str]:
     if shares:
         lines.append("- profiler samples per stage: " + ", ".join(f"{stage} {100 * share:.1f} %"
                                                                for stage, share in shares.items()))
-    for key in ("onnxruntime_embedding_op_types", "onnxruntime_segmentation_op_types"):
+    for key in sorted(k for k in top if k.startswith("onnxruntime_") and k.endswith("_op_types")):  # every model
         if top.get(key):
             lines.append(f"- {key.replace('_', ' ')}: {', '.join(top[key])}")
     if top.get("python_inclusive"):

@@ -54,7 +54,7 @@ class RecordingPool:
         first, last = frame_features[:, 0, 0], frame_features[:, 0, -1]
         mean = frame_features[:, 0].mean(axis=-1)
         row = np.stack([first, last, mean], axis=-1)  # (B, 3)
-        return {"embeddings": np.repeat(row[:, None, :], L, axis=1) + masks.sum(axis=1)[:, :, None] * 0}
+        return {"embeddings": np.repeat(row[:, None, :], L, axis=1)}
 
     def sync(self) -> None:
         pass

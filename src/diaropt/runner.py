@@ -139,11 +139,8 @@ def array_identity(cfg: DictConfig, built: BuiltModels) -> dict[str, Any]:
     """What the cached network outputs depend on: the models and the windowing/mask parameters."""
     models = {m.kind: m.info.get("content_key") or built.weights_sha256[m.kind]
               for m in (built.segmentation, built.embedding)}
-    identity = {"backend": built.backend, "models": models, "step_s": cfg.segmentation.step_s,
-                "min_num_clean_frames": cfg.embedding.min_num_clean_frames}
-    if cfg.embedding.tiled_trunk:  # not exact: never share embeddings with the per-chunk models (same weights)
-        identity["tiled_trunk"] = True
-    return identity
+    return {"backend": built.backend, "models": models, "step_s": cfg.segmentation.step_s,
+            "min_num_clean_frames": cfg.embedding.min_num_clean_frames}
 
 
 def _crop_item(item: DatasetItem, audio: np.ndarray, max_duration_s: float | None):

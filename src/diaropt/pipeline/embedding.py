@@ -52,14 +52,10 @@ def embed_outputs(model: RunnableModel, audio: np.ndarray, starts: np.ndarray, c
     if isinstance(model, TiledTrunk):
         return embed_tiled(model, audio, starts, chunk_samples, masks, active, batch_size, results, on_batch)
     if per_chunk(model):
-        chunk_rows = np.flatnonzero(active.any(axis=1))
-        for first in range(0, len(chunk_rows), batch_size):
-            chunks = chunk_rows[first: first + batch_size]
+        for chunks in _chunk_batches(active, batch_size):
             feeds = {"waveforms": make_chunks(audio, starts[chunks], chunk_samples),
                      "masks": np.ascontiguousarray(masks[chunks], dtype=np.float32)}
-            for name, value in run_batched_all(model, feeds).items():
-                if name in results:
-                    results[name][chunks] = value
+            _store(results, run_batched_all(model, feeds), chunks)
             if on_batch is not None:
                 on_batch(int(active[chunks].sum()))
         return mask_inactive(results, active)
@@ -69,12 +65,23 @@ def embed_outputs(model: RunnableModel, audio: np.ndarray, starts: np.ndarray, c
         speakers = speaker_index[first: first + batch_size]
         feeds = {"waveforms": make_chunks(audio, starts[chunks], chunk_samples),
                  "masks": np.ascontiguousarray(masks[chunks, :, speakers], dtype=np.float32)}
-        for name, value in run_batched_all(model, feeds).items():
-            if name in results:
-                results[name][chunks, speakers] = value
+        _store(results, run_batched_all(model, feeds), (chunks, speakers))
         if on_batch is not None:
             on_batch(len(chunks))
     return results
+
+
+def _chunk_batches(active: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Indices of the chunks with an active speaker, ``batch_size`` at a time, in order."""
+    chunk_rows = np.flatnonzero(active.any(axis=1))
+    return [chunk_rows[first: first + batch_size] for first in range(0, len(chunk_rows), batch_size)]
+
+
+def _store(results: dict[str, np.ndarray], outputs: dict[str, np.ndarray], index: object) -> None:
+    """Write one call's outputs into ``results`` at ``index`` (chunks, or (chunks, speakers))."""
+    for name, value in outputs.items():
+        if name in results:
+            results[name][index] = value
 
 
 def _nan_outputs(model: RunnableModel, num_chunks: int, num_local_speakers: int,
@@ -154,12 +161,12 @@ def embed_tiled(model: TiledTrunk, audio: np.ndarray, starts: np.ndarray, chunk_
         return [(int(owner[a]), int(frame[a] - tile_offsets[owner[a]]), int(b - a))
                 for a, b in zip([0, *runs], [*runs, length])]
 
-    chunk_rows = np.flatnonzero(active.any(axis=1))
-    plans = {int(c): sources(int(c)) for c in chunk_rows}
+    batches = _chunk_batches(active, batch_size)
+    plans = {int(c): sources(int(c)) for chunks in batches for c in chunks}
     needed = sorted({position for runs in plans.values() for position, _, _ in runs})
 
     def ensure(positions: set[int]) -> None:
-        missing = [p for p in needed if p in positions and p not in frames_cache]
+        missing = sorted(p for p in positions if p not in frames_cache)
         if not missing:
             return
         prefetch = max(0, batch_size - len(missing))  # a chunk may need more tiles than a batch holds
@@ -170,19 +177,15 @@ def embed_tiled(model: TiledTrunk, audio: np.ndarray, starts: np.ndarray, chunk_
             frames = run_batched_all(model.trunk, {model.trunk.inputs[0].name: waveforms})["frame_features"]
             frames_cache.update(zip(part, frames))
 
-    for first in range(0, len(chunk_rows), batch_size):
-        chunks = chunk_rows[first: first + batch_size]
+    for chunks in batches:
         positions = {position for c in chunks for position, _, _ in plans[int(c)]}
         for stale in [p for p in frames_cache if p < min(positions)]:
             del frames_cache[stale]
         ensure(positions)
         features = np.stack([np.concatenate([frames_cache[p][:, a: a + n] for p, a, n in plans[int(c)]], axis=1)
                              for c in chunks])
-        outputs = run_batched_all(model.pool, {"frame_features": features,
-                                               "masks": np.ascontiguousarray(masks[chunks], dtype=np.float32)})
-        for name, value in outputs.items():
-            if name in results:
-                results[name][chunks] = value
+        feeds = {"frame_features": features, "masks": np.ascontiguousarray(masks[chunks], dtype=np.float32)}
+        _store(results, run_batched_all(model.pool, feeds), chunks)
         if on_batch is not None:
             on_batch(int(active[chunks].sum()))
     return mask_inactive(results, active)

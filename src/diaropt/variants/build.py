@@ -180,7 +180,7 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
         weights = weights_sha["segmentation" if stage.kind in ("segmentation", "preprocessor") else "embedding"]
         variant = {"kind": stage.kind, "weights_sha256": weights, "quant": mode, "backend": backend,
                    "tools": _tool_versions(), **stage.variant}
-        if stage.kind in ("embedding", "embedding_pool", "fbank"):
+        if stage.kind in ("embedding", "fbank"):  # not embedding_pool: it never sees the fbank
             variant.update(embedding=_value(cfg.embedding.name), frame_extraction=_value(cfg.frame_extraction.mode),
                            frame_batch_size=cfg.frame_extraction.batch_size)
         # which switches this model realizes (info.json; numeric flags reach the tracked graph metrics)
@@ -189,8 +189,8 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
         # fused graphs are traced on one row (their ops never read the batch size): a per-chunk embedding
         # traced at the full batch holds L x the activations (OOM at 32 chunks on a 24 GB host)
         example_batch = 1 if stage.variant else None
-        if backend == "torch":
-            built[stage.kind] = _torch_model(*args, extra=extra)
+        if backend == "torch":  # nothing to cache, but the same content key names what the model computes
+            built[stage.kind] = _torch_model(*args, extra={**extra, "content_key": content_key(variant)})
         elif backend == "onnxruntime":
             built[stage.kind] = _onnx_model(*args, cfg, cache_root, variant, extra=extra, example_batch=example_batch)
         elif backend == "coreml":
