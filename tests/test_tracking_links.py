@@ -1,11 +1,11 @@
-"""Speaker tracking between overlapping chunks (``diaropt.pipeline.tracking``, ``embedding.anchor_every``)."""
+"""Speaker tracking between overlapping chunks (``diaropt.pipeline.linking``, ``embedding.anchor_every``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from diaropt.pipeline.tracking import anchor_chunks, link_to_anchors, propagate_clusters
+from diaropt.pipeline.linking import anchor_chunks, link_to_anchors, propagate_clusters
 
 FRAMES = 589
 STEP_FRAMES = 59  # ~1 s of 16.875 ms frames

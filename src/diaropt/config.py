@@ -14,7 +14,7 @@ axis's options live:
 | embedding          | ``embedding``        | ``diaropt.models.embedding``       |
 | trunk sharing      | ``embedding.shared_trunk``, ``embedding.tiled_trunk`` | ``diaropt.variants.fusion``, ``diaropt.pipeline.embedding`` |
 | clustering         | ``clustering``       | ``diaropt.pipeline.clustering``    |
-| speaker tracking   | ``embedding.anchor_every`` | ``diaropt.pipeline.tracking``  |
+| speaker tracking   | ``embedding.anchor_every`` | ``diaropt.pipeline.linking``   |
 | dataset            | ``dataset``          | ``diaropt.data.datasets``          |
 """
 
@@ -141,7 +141,7 @@ class EmbeddingConfig:
     # Both false: the original per-pair embedding (experiment=seed_baseline)
     tiled_trunk: bool = True
     # speaker tracking: embed every k-th chunk (and the last); link the other chunks' speakers to
-    # them by co-activity in the overlap (diaropt.pipeline.tracking). 1: embed every active speaker
+    # them by co-activity in the overlap (diaropt.pipeline.linking). 1: embed every active speaker
     anchor_every: int = 1
 
 

@@ -11,7 +11,7 @@ T output frames on the 16.875 ms grid of the whole file):
 | preprocessing  | segmentations (C, F, L), masks (C, F, L), active (C, L) |
 | embedding      | embeddings (C, L, D), NaN = skipped      |
 | clustering     | hard_clusters (C, L) int8, -2 = skipped  |
-| (tracking)     | with ``anchor_every > 1``: only anchor chunks and unlinked speakers are embedded; linked slots take their anchor speaker's cluster |
+| (linking)      | with ``anchor_every > 1``: only anchor chunks and unlinked speakers are embedded; linked slots take their anchor speaker's cluster |
 | postprocess    | count (T,), discrete (T, K) -> Annotation |
 
 Fused models (``variants.fusion``) move work between stages without changing these arrays: a
@@ -33,7 +33,7 @@ from pyannote.core import Annotation, Segment
 
 from diaropt.backends.base import RunnableModel
 from diaropt.models.segmentation import CHUNK_DURATION_S
-from diaropt.pipeline import preprocessing, reconstruction, tracking
+from diaropt.pipeline import linking, preprocessing, reconstruction
 from diaropt.pipeline.cache import ArrayCache
 from diaropt.pipeline.audio import SAMPLE_RATE_HZ, chunk_starts, load_audio
 from diaropt.pipeline.clustering import BaseClustering
@@ -51,7 +51,7 @@ class PipelineParams:
     embedding_batch_size: int = 4
     min_num_clean_frames: int = 10
     min_active_frames: int = 1
-    anchor_every: int = 1  # embed every k-th chunk, link the others' speakers to it (pipeline.tracking)
+    anchor_every: int = 1  # embed every k-th chunk, link the others' speakers to it (pipeline.linking)
     num_speakers: int | None = None
     min_speakers: int | None = None
     max_speakers: int | None = None
@@ -174,7 +174,7 @@ class DiarizationPipeline:
             links = None
             if params.anchor_every > 1:
                 offsets = preprocessing.chunk_frame_offsets(starts_s, preprocessing.SEGMENTATION_FRAMES)
-                links = tracking.link_to_anchors(segmentations, offsets, active, params.anchor_every)
+                links = linking.link_to_anchors(segmentations, offsets, active, params.anchor_every)
         to_embed = active if links is None else links.embed  # (C, L) slots the embedding stage computes
         num_to_embed = int(to_embed.sum())
 
@@ -197,7 +197,7 @@ class DiarizationPipeline:
             result = self.clustering(embedded.get("unit_embeddings", embeddings), segmentations,
                                      num_speakers=params.num_speakers, min_speakers=params.min_speakers,
                                      max_speakers=params.max_speakers)
-            hard_clusters = result.hard_clusters if links is None else tracking.propagate_clusters(
+            hard_clusters = result.hard_clusters if links is None else linking.propagate_clusters(
                 result.hard_clusters, links)
 
         with timer.stage("postprocess"):

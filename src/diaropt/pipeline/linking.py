@@ -1,4 +1,4 @@
-"""Speaker tracking between overlapping chunks: embed fewer chunks than are segmented.
+"""Speaker linking between overlapping chunks (speaker tracking): embed fewer chunks than are segmented.
 
 Consecutive 10 s chunks overlap by ``10 - step_s`` seconds, and the segmentation model's local
 speakers of two chunks can be matched from their activity in the overlap (the same person is
