@@ -6,7 +6,7 @@
 
 Writes outputs/reports/<parent run id>/report.md and report.html (self-contained), the plots and a
 Hydra preset of the recommended run; logs them on the parent run (artifacts under report/) and tags
-the recommended child ``diaropt.recommended=true``. Library: src/diaropt/report.py.
+the recommended child ``diaropt.recommended=true``. Library: src/diaropt/report/ (the package diaropt.report).
 """
 
 from __future__ import annotations

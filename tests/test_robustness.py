@@ -729,9 +729,9 @@ def test_reference_uri_with_path_traversal_names_no_audio(tmp_path: Path) -> Non
 
 
 def test_experiment_name_and_artifact_paths_cannot_leave_their_folders(tmp_path: Path) -> None:
-    from diaropt.tracking import FileClient, _safe_dir_name
+    from diaropt.tracking import FileClient, safe_dir_name
 
-    assert "/" not in _safe_dir_name("../../etc") and ".." not in _safe_dir_name("../../etc")
+    assert "/" not in safe_dir_name("../../etc") and ".." not in safe_dir_name("../../etc")
     client = FileClient(tmp_path / "run", {})
     with pytest.raises(ValueError, match="leaves"):
         client.log_text("r", "x", "../../escaped.txt")

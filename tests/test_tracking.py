@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from diaropt import tracking
+from diaropt.tracking import store as tracking_store
 from diaropt.tracking import JobRun, Tracker, TrackingUnavailable, flatten_config, host_tags, resolve_tracking_uri
 
 DEAD_PID = 999999
@@ -340,7 +341,7 @@ def test_unreachable_or_unusable_store_raises(tmp_path: Path) -> None:
 
 
 def test_retry_locked_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(tracking_store.time, "sleep", lambda s: None)
     calls = []
 
     def flaky() -> str:

@@ -27,6 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from diaropt.keys import DER_METRIC, PARITY_OK
+
 log = logging.getLogger(__name__)
 
 #: What the reference configuration fixes; everything else (dataset, windowing, clustering, and the
@@ -135,13 +137,13 @@ def parity_metrics(files: list[FileParity], der: float, reference_der: float, co
         "parity_reference_der": reference_der,
     }
     # nothing comparable (no chunk segmented identically) is not a pass
-    metrics["parity_ok"] = float(cos_same.size > 0 and metrics["parity_emb_cos_min"] >= cosine_floor)
+    metrics[PARITY_OK] = float(cos_same.size > 0 and metrics["parity_emb_cos_min"] >= cosine_floor)
     return metrics
 
 
 def parity_flag(metrics: Mapping[str, float], cosine_floor: float) -> str:
     """The ``diaropt.parity_flag`` tag: ``ok`` or why the run is flagged."""
-    if metrics["parity_ok"] == 1.0:
+    if metrics[PARITY_OK] == 1.0:
         return "ok"
     if np.isnan(metrics["parity_emb_cos_min"]):
         return "no_comparable_embeddings"
@@ -153,7 +155,7 @@ def exact_parity(der: float) -> dict[str, float]:
     return {"parity_seg_max_abs_diff": 0.0, "parity_seg_powerset_agreement": 1.0, "parity_emb_cos_min": 1.0,
             "parity_emb_cos_mean": 1.0, "parity_emb_cos_min_all": 1.0, "parity_emb_compared": float("nan"),
             "parity_emb_active_mismatch": 0.0, "parity_der_delta": 0.0, "parity_reference_der": der,
-            "parity_ok": 1.0}
+            PARITY_OK: 1.0}
 
 
 def run_parity(cfg: DictConfig, backend: str, result) -> dict[str, float]:
@@ -163,7 +165,7 @@ def run_parity(cfg: DictConfig, backend: str, result) -> dict[str, float]:
     from diaropt.runner import dataset_from_config, load_pipeline, run_dataset
     from diaropt.variants.build import build_models
 
-    der = result.aggregate["der_pyannote"]
+    der = result.aggregate[DER_METRIC]
     if is_reference(cfg, backend):
         return exact_parity(der)
     reference_cfg = reference_config(cfg)
@@ -175,4 +177,4 @@ def run_parity(cfg: DictConfig, backend: str, result) -> dict[str, float]:
                             max_duration_s=reference_cfg.dataset.max_duration_s, show_progress=False,
                             keep_arrays=True)
     files = [compare_file(result.outputs[uri].arrays, reference.outputs[uri].arrays) for uri in result.outputs]
-    return parity_metrics(files, der, reference.aggregate["der_pyannote"], cfg.parity.cosine_floor)
+    return parity_metrics(files, der, reference.aggregate[DER_METRIC], cfg.parity.cosine_floor)

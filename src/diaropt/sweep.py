@@ -24,17 +24,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from diaropt.config import REPO_ROOT, to_container, validate
+from diaropt.keys import (AXIS_TAG_PREFIX, DER_FLUIDAUDIO_METRIC, DER_METRIC, PEAK_RSS, RTFX_METRIC, STAGES,
+                          SUMMARY_METRICS, SUMMARY_PARAMS, TAG_JOB_NUM, TAG_OVERRIDES, TAG_PARITY_FLAG, TAG_SWEEP_DIR,
+                          TAG_TIMINGS_COMPARABLE, TAG_TIMINGS_NOTE, TIME_BUILD, time_metric)
 
 log = logging.getLogger(__name__)
 
 STATUS_DIR = ".diaropt"
-#: The metrics the parent run's comparison table shows.
-SUMMARY_METRICS = ["der_pyannote", "der_fluidaudio", "jer_pyannote", "rtfx", "time_total_s", "time_compile_s",
-                   "time_segmentation_s", "time_embedding_s", "time_clustering_s", "time_postprocess_s",
-                   "embedding_coreml_slice_by_index_ops", "embedding_model_size_bytes", "peak_rss_bytes",
-                   "parity_emb_cos_min", "parity_seg_powerset_agreement", "parity_der_delta", "parity_ok"]
-SUMMARY_PARAMS = ["backend.resolved", "frame_extraction.mode", "frame_extraction.batch_size", "quant.mode",
-                  "compute_unit.name", "embedding.name", "clustering.method", "segmentation.step_s"]
 
 
 class PeakMemory:
@@ -110,11 +106,16 @@ def _axis_tags(cfg: DictConfig, backend: str) -> dict[str, str]:
 
 
 def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, float]:
-    """Run one configuration, log it, and return its metrics ({} if it did not finish)."""
+    """Run one configuration, log it, and return its metrics ({} if it did not finish).
+
+    With ``tracking.enabled=false`` the job runs the same code, its run written to
+    ``<output dir>/local_run/`` (:class:`diaropt.tracking.FileClient`) instead of MLflow, and its
+    metrics to ``<output dir>/metrics.json``.
+    """
     from diaropt.backends.base import BackendUnavailable
-    from diaropt.tracking import (FALLBACK_DIR, StoreOrFiles, Tracker, TrackingUnavailable, fallback_meta, host_tags,
-                                  install_sigterm_handler, job_overrides, new_fallback_folder, resolve_tracking_uri,
-                                  start_fallback_run)
+    from diaropt.tracking import (FALLBACK_DIR, LOCAL_RUN_DIR, StoreOrFiles, Tracker, TrackingUnavailable,
+                                  fallback_meta, host_tags, install_sigterm_handler, job_overrides, new_fallback_folder,
+                                  resolve_tracking_uri, start_fallback_run, start_file_run)
     from diaropt.variants.build import _value, resolve_backend
 
     validate(cfg)
@@ -125,18 +126,19 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
-    if not cfg.tracking.enabled:
-        return _run_untracked(cfg, context, output_dir, backend)
+    tracked = bool(cfg.tracking.enabled)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT)
     sweep_id = (context["sweep_id"] if "sweep_id" in context else context["sweep_dir"]) if context["multirun"] else None
-    parent_tags = {"diaropt.sweep_dir": context["sweep_dir"]} if context["multirun"] else {}
+    parent_tags = {TAG_SWEEP_DIR: context["sweep_dir"]} if context["multirun"] else {}
     fallback_root = output_dir / FALLBACK_DIR
-    try:
-        tracker: Tracker | None = Tracker(tracking_uri, cfg.tracking.experiment_name)
-    except TrackingUnavailable as error:  # keep every result in files; `relog` stores them later
-        log.error("%s; this job's results go to %s (store them later with `python -m diaropt.tracking relog %s`)",
-                  error, fallback_root, fallback_root)
-        tracker, unavailable = None, str(error)
+    tracker: Tracker | None = None
+    if tracked:
+        try:
+            tracker = Tracker(tracking_uri, cfg.tracking.experiment_name)
+        except TrackingUnavailable as error:  # keep every result in files; `relog` stores them later
+            log.error("%s; this job's results go to %s (store them later with `python -m diaropt.tracking relog "
+                      "%s`)", error, fallback_root, fallback_root)
+            unavailable = str(error)
     if tracker is not None:
         closed = tracker.close_stale_runs()
         if closed:
@@ -154,10 +156,12 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
     overrides = job_overrides(context["overrides"])  # resume=true is not part of a job's identity
     run_name = ",".join(o for o in overrides if not o.startswith(("tracking.", "paths.", "hydra.")))
     run_name = run_name or "default"
-    tags = {**host_tags(), **{f"axis.{k}": v for k, v in _axis_tags(cfg, backend).items()},
-            "diaropt.overrides": " ".join(overrides), "diaropt.job_num": str(context["job_num"])}
+    tags = {**host_tags(), **{f"{AXIS_TAG_PREFIX}{k}": v for k, v in _axis_tags(cfg, backend).items()},
+            TAG_OVERRIDES: " ".join(overrides), TAG_JOB_NUM: str(context["job_num"])}
     meta = fallback_meta(tracking_uri, cfg.tracking.experiment_name, run_name, sweep_id, parent_tags)
-    if tracker is None:
+    if not tracked:
+        run = start_file_run(output_dir / LOCAL_RUN_DIR, run_name, tags, {**meta, "reason": "tracking.enabled=false"})
+    elif tracker is None:
         run = start_fallback_run(fallback_root, run_name, tags, meta, unavailable)
     else:
         run = tracker.start_child(run_name, parent_id, tags)
@@ -168,13 +172,15 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
             run.log_config(cfg)
             run.log_params({"backend.resolved": backend})
             try:
-                metrics = _run_tracked(cfg, run, output_dir, backend)
+                metrics = _run_logged(cfg, run, output_dir, backend)
             except BackendUnavailable as error:
                 log.warning("skipped: %s", error.reason)
                 run.skip(error.reason)
                 _write_status(context, "skipped", run_id=run.run_id, reason=error.reason)
                 return {}
-        _write_status(context, "finished", run_id=run.run_id, der_pyannote=metrics["der_pyannote"])
+        if not tracked:
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        _write_status(context, "finished", run_id=run.run_id, der_pyannote=metrics[DER_METRIC])
         return metrics
     except Exception as error:  # noqa: BLE001 - the run is FAILED already; the sweep goes on
         log.error("job failed: %s: %s", type(error).__name__, error)
@@ -187,7 +193,8 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
         restore()
 
 
-def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[str, float]:
+def _run_logged(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[str, float]:
+    """Build, run and score one configuration, logging everything on ``run`` (a ``JobRun``)."""
     from diaropt.parity import parity_flag, run_parity
     from diaropt.pipeline.timing import StageTimer
     from diaropt.runner import ChunkProgress, dataset_from_config, dataset_sha256, load_pipeline, run_dataset
@@ -196,7 +203,7 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[s
     with PeakMemory() as memory:
         start = time.perf_counter()
         built = build_models(cfg)
-        run.log_metrics({"time_build_s": time.perf_counter() - start, **built.graph_metrics()})
+        run.log_metrics({TIME_BUILD: time.perf_counter() - start, **built.graph_metrics()})
         run.log_params({f"weights_sha256.{k}": v for k, v in built.weights_sha256.items()})
         for model in built.models():
             run.log_json(model.info, f"models/{model.kind}_info.json")
@@ -214,50 +221,21 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[s
                              max_duration_s=cfg.dataset.max_duration_s, show_progress=sys.stderr.isatty(),
                              keep_arrays=cfg.parity.enabled)
         progress.close()
-    metrics = {**result.aggregate, "peak_rss_bytes": float(memory.peak_bytes)}
+    metrics = {**result.aggregate, PEAK_RSS: float(memory.peak_bytes)}
     run.log_metrics(metrics)
     if cfg.parity.enabled:  # after the job's timings and memory: the reference run is not part of them
         parity = run_parity(cfg, backend, result)
         run.log_metrics(parity)
         metrics.update(parity)
-        run.set_tags({"diaropt.parity_flag": parity_flag(parity, cfg.parity.cosine_floor)})
+        run.set_tags({TAG_PARITY_FLAG: parity_flag(parity, cfg.parity.cosine_floor)})
     if result.aggregate.get("array_cache_hits", 0) > 0:
-        run.set_tags({"diaropt.timings_comparable": "false",
-                      "diaropt.timings_note": "network outputs came from the array cache"})
+        run.set_tags({TAG_TIMINGS_COMPARABLE: "false", TAG_TIMINGS_NOTE: "network outputs came from the array cache"})
     run.log_table(result.rows, "results/per_file.json")
     run.log_dir(output_dir / "rttm", "rttm")
-    run.log_timing_plot({stage: result.aggregate[f"time_{stage}_s"] for stage in
-                         ("compile", "audio", "segmentation", "preprocessing", "embedding", "clustering",
-                          "postprocess")})
+    run.log_timing_plot({stage: result.aggregate[time_metric(stage)] for stage in STAGES})
     log.info("%s: DER %.2f %% (pyannote) / %.2f %% (fluidaudio), RTFx %.1f", backend,
-             100 * result.aggregate["der_pyannote"], 100 * result.aggregate["der_fluidaudio"], result.aggregate["rtfx"])
-    return metrics
-
-
-def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path, backend: str) -> dict[str, float]:
-    from diaropt.backends.base import BackendUnavailable
-    from diaropt.pipeline.timing import StageTimer
-    from diaropt.runner import dataset_from_config, load_pipeline, run_dataset
-    from diaropt.variants.build import build_models
-
-    try:
-        built = build_models(cfg)
-        timer = StageTimer()
-        pipeline = load_pipeline(cfg, built, timer)
-    except BackendUnavailable as error:
-        log.warning("skipped: %s", error.reason)
-        _write_status(context, "skipped", reason=error.reason)
-        return {}
-    result = run_dataset(pipeline, dataset_from_config(cfg), output_dir / "rttm", timer, repeats=cfg.repeats,
-                         max_duration_s=cfg.dataset.max_duration_s, keep_arrays=cfg.parity.enabled)
-    metrics = dict(result.aggregate)
-    if cfg.parity.enabled:
-        from diaropt.parity import run_parity
-
-        metrics.update(run_parity(cfg, backend, result))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    _write_status(context, "finished", der_pyannote=result.aggregate["der_pyannote"])
+             100 * result.aggregate[DER_METRIC], 100 * result.aggregate[DER_FLUIDAUDIO_METRIC],
+             result.aggregate[RTFX_METRIC])
     return metrics
 
 

@@ -1,6 +1,7 @@
 """Per-stage wall-clock timing (``time.perf_counter``) under the design note's categories.
 
-Stage names are shared by the pipeline, MLflow metric keys (``time_<stage>_s``) and reports.
+Stage names (defined in :mod:`diaropt.keys`) are shared by the pipeline, MLflow metric keys
+(``time_<stage>_s``) and reports.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-# The design note's categories, in pipeline order. "audio" (decode + resample) and
-# "preprocessing" (masks, clean frames) are timed separately rather than hidden in a neighbour.
-STAGES = ("compile", "audio", "segmentation", "preprocessing", "embedding", "clustering", "postprocess")
+from diaropt.keys import RTFX_METRIC, STAGES, TIME_TOTAL, WARMUP_STAGE, time_metric
+
+__all__ = ["STAGES", "StageTimer"]
 
 
 class StageTimer:
@@ -24,7 +25,7 @@ class StageTimer:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        if name not in STAGES and name != "warmup":
+        if name not in STAGES and name != WARMUP_STAGE:
             raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
         self.sync()
         start = time.perf_counter()
@@ -36,12 +37,12 @@ class StageTimer:
 
     def metrics(self, audio_duration_s: float) -> dict[str, float]:
         """``time_<stage>_s`` for every stage, ``time_total_s`` (warm-up excluded), ``rtfx``."""
-        result = {f"time_{stage}_s": float(self.seconds.get(stage, 0.0)) for stage in STAGES}
+        result = {time_metric(stage): float(self.seconds.get(stage, 0.0)) for stage in STAGES}
         total = sum(result.values())
-        result["time_total_s"] = total
-        result["time_warmup_s"] = float(self.seconds.get("warmup", 0.0))
+        result[TIME_TOTAL] = total
+        result[time_metric(WARMUP_STAGE)] = float(self.seconds.get(WARMUP_STAGE, 0.0))
         result["audio_duration_s"] = float(audio_duration_s)
-        result["rtfx"] = audio_duration_s / total if total > 0 else float("nan")
+        result[RTFX_METRIC] = audio_duration_s / total if total > 0 else float("nan")
         return result
 
     def merge(self, other: "StageTimer") -> None:
