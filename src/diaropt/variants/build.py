@@ -266,7 +266,7 @@ def _chain_model(backend: str, stages: list[BuiltModel], cache_root: Path, compu
                 "stage_content_keys": payload["stages"]}
 
     path, built_info = cached_build(cache_root, payload, "model.mlpackage", build)
-    return BuiltModel("pipeline", "coreml", path, built_info, lambda: coreml.CoreMLModel(path, compute_unit))
+    return BuiltModel("pipeline", "coreml", path, built_info, lambda: coreml_runnable(path, compute_unit, "pipeline"))
 
 
 def _torch_model(kind, module, inputs, outputs, mode, compute_unit, extra: dict[str, Any] | None = None) -> BuiltModel:
@@ -340,4 +340,17 @@ def _coreml_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_
         return info
 
     path, info = cached_build(cache_root, variant, "model.mlpackage", build)
-    return BuiltModel(kind, "coreml", path, info, lambda: coreml.CoreMLModel(path, compute_unit))
+    return BuiltModel(kind, "coreml", path, info, lambda: coreml_runnable(path, compute_unit, kind))
+
+
+def coreml_runnable(path: Path, compute_unit: str, label: str) -> RunnableModel:
+    """A saved package as a runnable model: Apple's Core ML on macOS (compiled and loaded with the
+    compute unit); elsewhere the project's ML-program executor (``backends.coreml_program``), whose
+    numerics a job tags ``coreml_program`` and whose timings are never logged (``diaropt.provenance``)."""
+    if is_macos():
+        from diaropt.backends import coreml
+
+        return coreml.CoreMLModel(path, compute_unit)
+    from diaropt.backends.coreml_program import CoreMLProgramModel
+
+    return CoreMLProgramModel(path, label)
