@@ -100,6 +100,14 @@ def _write_status(context: dict[str, Any], status: str, **details: Any) -> None:
     tmp.replace(folder / f"{context['job_num']}.json")
 
 
+def _provenance(cfg: DictConfig, backend: str):
+    """The job's timing / numerics sources (``diaropt.provenance``)."""
+    from diaropt.backends.base import is_macos
+    from diaropt.provenance import provenance
+
+    return provenance(backend, to_container(cfg)["quant"]["mode"], is_macos())
+
+
 def _axis_tags(cfg: DictConfig, backend: str) -> dict[str, str]:
     container = to_container(cfg)
     return {"backend": backend, "quant": container["quant"]["mode"],
@@ -155,6 +163,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
     run_name = ",".join(o for o in overrides if not o.startswith(("tracking.", "paths.", "hydra.")))
     run_name = run_name or "default"
     tags = {**host_tags(), **{f"axis.{k}": v for k, v in _axis_tags(cfg, backend).items()},
+            **_provenance(cfg, backend).tags(),
             "diaropt.overrides": " ".join(overrides), "diaropt.job_num": str(context["job_num"])}
     meta = fallback_meta(tracking_uri, cfg.tracking.experiment_name, run_name, sweep_id, parent_tags)
     if tracker is None:
@@ -191,13 +200,20 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[s
     from diaropt.parity import parity_flag, run_parity
     from diaropt.pipeline.timing import StageTimer
     from diaropt.runner import ChunkProgress, dataset_from_config, dataset_sha256, load_pipeline, run_dataset
+    from diaropt.backends import coreml_program
+    from diaropt.provenance import without_timings
     from diaropt.variants.build import build_models
 
+    source = _provenance(cfg, backend)
+    coreml_program.reset_stats()
     with PeakMemory() as memory:
         start = time.perf_counter()
         built = build_models(cfg)
         run.log_metrics({"time_build_s": time.perf_counter() - start, **built.graph_metrics()})
         run.log_params({f"weights_sha256.{k}": v for k, v in built.weights_sha256.items()})
+        if backend == "onnxruntime":  # the level each session runs at (the build's probe may lower it)
+            run.log_params({f"ort_optimization_level.{m.kind}": m.info.get("ort_level", cfg.backend.ort_optimization_level)
+                            for m in built.models() if m.path is not None})
         for model in built.models():
             run.log_json(model.info, f"models/{model.kind}_info.json")
             if model.path is not None and (model.path.parent / "op_histogram.json").is_file():
@@ -215,22 +231,41 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[s
                              keep_arrays=cfg.parity.enabled)
         progress.close()
     metrics = {**result.aggregate, "peak_rss_bytes": float(memory.peak_bytes)}
+    executor_rtfx = metrics.get("rtfx")
+    if not source.logs_timings:  # numbers from the executor: its timings are not the target's
+        metrics = without_timings(metrics)
+        result.rows = [without_timings(row) for row in result.rows]
+    nonfinite = 0.0
+    for label, stats in coreml_program.collected_stats().items():
+        executor_metrics = stats.as_metrics(f"executor_{label}")
+        nonfinite += executor_metrics[f"executor_{label}_nonfinite_outputs"]
+        metrics.update(executor_metrics)
     run.log_metrics(metrics)
     if cfg.parity.enabled:  # after the job's timings and memory: the reference run is not part of them
         parity = run_parity(cfg, backend, result)
         run.log_metrics(parity)
         metrics.update(parity)
-        run.set_tags({"diaropt.parity_flag": parity_flag(parity, cfg.parity.cosine_floor)})
+        flag = parity_flag(parity, cfg.parity.cosine_floor)
+        if nonfinite:  # NaN / inf in a model's outputs: never recommended, whatever the DER
+            parity["parity_ok"] = metrics["parity_ok"] = 0.0
+            run.log_metrics({"parity_ok": 0.0})
+            flag = f"nonfinite_outputs ({int(nonfinite)} values)"
+        run.set_tags({"diaropt.parity_flag": flag})
     if result.aggregate.get("array_cache_hits", 0) > 0:
         run.set_tags({"diaropt.timings_comparable": "false",
                       "diaropt.timings_note": "network outputs came from the array cache"})
     run.log_table(result.rows, "results/per_file.json")
     run.log_dir(output_dir / "rttm", "rttm")
-    run.log_timing_plot({stage: result.aggregate[f"time_{stage}_s"] for stage in
-                         ("compile", "audio", "segmentation", "preprocessing", "embedding", "clustering",
-                          "postprocess")})
-    log.info("%s: DER %.2f %% (pyannote) / %.2f %% (fluidaudio), RTFx %.1f", backend,
-             100 * result.aggregate["der_pyannote"], 100 * result.aggregate["der_fluidaudio"], result.aggregate["rtfx"])
+    if source.logs_timings:
+        run.log_timing_plot({stage: result.aggregate[f"time_{stage}_s"] for stage in
+                             ("compile", "audio", "segmentation", "preprocessing", "embedding", "clustering",
+                              "postprocess")})
+        log.info("%s: DER %.2f %% (pyannote) / %.2f %% (fluidaudio), RTFx %.1f", backend,
+                 100 * result.aggregate["der_pyannote"], 100 * result.aggregate["der_fluidaudio"], result.aggregate["rtfx"])
+    else:  # the executor's speed goes to the job log only, never to the metrics
+        log.info("%s (%s numerics, timings not measured): DER %.2f %% (pyannote) / %.2f %% (fluidaudio); "
+                 "executor RTFx %.2f (this host, not Core ML)", backend, source.numerics_source,
+                 100 * result.aggregate["der_pyannote"], 100 * result.aggregate["der_fluidaudio"], executor_rtfx)
     return metrics
 
 
@@ -251,6 +286,10 @@ def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path, b
     result = run_dataset(pipeline, dataset_from_config(cfg), output_dir / "rttm", timer, repeats=cfg.repeats,
                          max_duration_s=cfg.dataset.max_duration_s, keep_arrays=cfg.parity.enabled)
     metrics = dict(result.aggregate)
+    if not _provenance(cfg, backend).logs_timings:
+        from diaropt.provenance import without_timings
+
+        metrics = without_timings(metrics)
     if cfg.parity.enabled:
         from diaropt.parity import run_parity
 
