@@ -235,10 +235,12 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[s
     if not source.logs_timings:  # numbers from the executor: its timings are not the target's
         metrics = without_timings(metrics)
         result.rows = [without_timings(row) for row in result.rows]
-    overflows = 0.0
+    overflows = nonfinite_segmentation = 0.0
     for label, stats in coreml_program.collected_stats().items():
         executor_metrics = stats.as_metrics(f"executor_{label}")
         overflows += executor_metrics[f"executor_{label}_fp16_overflows"]
+        if label in ("segmentation", "preprocessor"):
+            nonfinite_segmentation += executor_metrics[f"executor_{label}_nonfinite_outputs"]
         metrics.update(executor_metrics)
     run.log_metrics(metrics)
     if cfg.parity.enabled:  # after the job's timings and memory: the reference run is not part of them
@@ -246,13 +248,14 @@ def _run_tracked(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[s
         run.log_metrics(parity)
         metrics.update(parity)
         flag = parity_flag(parity, cfg.parity.cosine_floor)
-        # fp16 overflows in a Core ML program (a finite value rounded to inf) make NaN / inf that the
-        # reference does not have; masked-out speaker slots are NaN by design in every backend
-        nonfinite = overflows > 0
-        if nonfinite:
+        # NaN / inf the reference does not have: fp16 overflows anywhere in a Core ML program, or
+        # non-finite segmentation outputs (e.g. log of an fp16 softmax that underflowed to 0).
+        # Masked-out speaker slots' embeddings are NaN by design in every backend.
+        if overflows > 0 or nonfinite_segmentation > 0:
             parity["parity_ok"] = metrics["parity_ok"] = 0.0
             run.log_metrics({"parity_ok": 0.0})
-            flag = f"nonfinite_outputs ({int(overflows)} fp16 overflows in the Core ML program)"
+            flag = (f"nonfinite_outputs ({int(nonfinite_segmentation)} non-finite segmentation values, "
+                    f"{int(overflows)} fp16 overflows in the Core ML programs)")
         run.set_tags({"diaropt.parity_flag": flag})
     if result.aggregate.get("array_cache_hits", 0) > 0:
         run.set_tags({"diaropt.timings_comparable": "false",
