@@ -376,42 +376,8 @@ def _cast(op, a):
     return a["x"]  # the rounding to the declared output dtype is the cast
 
 
-def _band_part(op, a):
-    x = a["x"]
-    lower, upper = int(_p(a.get("lower", -1))), int(_p(a.get("upper", -1)))
-    rows, cols = x.shape[-2], x.shape[-1]
-    i = torch.arange(rows)[:, None]
-    j = torch.arange(cols)[None, :]
-    keep = torch.ones(rows, cols, dtype=torch.bool)
-    if lower >= 0:
-        keep &= (i - j) <= lower
-    if upper >= 0:
-        keep &= (j - i) <= upper
-    return x * keep
-
-
-def _cumsum(op, a):
-    x = a["x"]
-    axis = int(_p(a.get("axis", 0)))
-    if bool(_p(a.get("reverse", False))):
-        x = torch.flip(x, [axis])
-    out = torch.cumsum(x, dim=axis)
-    if bool(_p(a.get("exclusive", False))):
-        out = out - x
-    return torch.flip(out, [axis]) if bool(_p(a.get("reverse", False))) else out
-
-
 def _fill(op, a):
     return torch.full(tuple(int(d) for d in op.outputs[0].shape), float(_p(a.get("value", 0.0))))
-
-
-def _one_hot(op, a):
-    indices = a["indices"].long()
-    depth = int(_p(a["one_hot_vector_size"]))
-    axis = int(_p(a.get("axis", -1)))
-    on, off = float(_p(a.get("on_value", 1))), float(_p(a.get("off_value", 0)))
-    hot = F.one_hot(indices, depth).float() * (on - off) + off
-    return torch.movedim(hot, -1, axis)
 
 
 def _matmul(op, a):
@@ -450,20 +416,6 @@ def _real_div(x, y):
     return x / y
 
 
-def _gelu(op, a):
-    mode = _p(a.get("mode", "EXACT"))
-    return F.gelu(a["x"], approximate="tanh" if mode == "TANH_APPROXIMATION" else "none") if mode != "SIGMOID_APPROXIMATION" \
-        else a["x"] * torch.sigmoid(1.702 * a["x"])
-
-
-def _erf(op, a):
-    return torch.erf(a["x"])
-
-
-def _range_1d(op, a):
-    return torch.arange(_p(a["start"]), _p(a["end"]), _p(a["step"]))
-
-
 def _l2_norm(op, a):
     x = a["x"]
     dims = list(range(max(x.dim() - 3, 0), x.dim()))
@@ -486,9 +438,8 @@ KERNELS: dict[str, Callable] = {
     "relu": _unary(torch.relu), "sigmoid": _unary(torch.sigmoid), "tanh": _unary(torch.tanh),
     "sin": _unary(torch.sin), "cos": _unary(torch.cos), "floor": _unary(torch.floor), "ceil": _unary(torch.ceil),
     "round": _unary(torch.round), "sign": _unary(torch.sign), "square": _unary(torch.square),
-    "logical_not": _unary(torch.logical_not), "rsqrt": _rsqrt, "inverse": _inverse, "erf": _erf, "gelu": _gelu,
+    "logical_not": _unary(torch.logical_not), "rsqrt": _rsqrt, "inverse": _inverse,
     "leaky_relu": _leaky_relu, "clip": _clip, "cast": _cast, "identity": lambda op, a: a["x"],
-    "softplus": _unary(F.softplus), "silu": _unary(F.silu),
     # linear algebra, convolution, normalization, pooling, recurrence
     "matmul": _matmul, "linear": _linear, "conv": _conv, "batch_norm": _batch_norm,
     "instance_norm": _instance_norm, "layer_norm": _layer_norm, "l2_norm": _l2_norm,
@@ -504,13 +455,12 @@ KERNELS: dict[str, Callable] = {
     "reduce_l2_norm": _reduce(lambda x, d, k: torch.sqrt((x * x).sum(dim=d, keepdim=k))),
     "reduce_l1_norm": _reduce(lambda x, d, k: x.abs().sum(dim=d, keepdim=k)),
     "reduce_argmax": _argreduce(torch.argmax), "reduce_argmin": _argreduce(torch.argmin),
-    "cumsum": _cumsum,
     # layout
     "reshape": _reshape_to_output, "expand_dims": _reshape_to_output, "squeeze": _reshape_to_output,
     "flatten2d": _reshape_to_output, "transpose": _transpose, "tile": _tile, "concat": _concat,
     "stack": _stack, "split": _split, "slice_by_index": _slice_by_index, "slice_by_size": _slice_by_size,
     "gather": _gather, "gather_along_axis": _gather_along_axis, "pad": _pad, "select": _select,
-    "band_part": _band_part, "fill": _fill, "one_hot": _one_hot, "range_1d": _range_1d,
+    "fill": _fill,
 }
 
 
