@@ -399,3 +399,26 @@ def test_coreml_fused_models_and_pipeline_package(coreml_seed_plan):
     assert built.graph_metrics()["fusion_coreml_pipeline"] == 1.0
     with pytest.raises(BackendUnavailable, match="macOS"):
         built.segmentation.load().load()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["fusion=on", "quant=fp16", "embedding.tiled_trunk=false"],
+                                       ["experiment=seed_plan"]], ids=["fp16_pipeline", "seed_plan"])
+def test_non_fp32_coreml_pipeline_type_checks_stage_to_stage(tmp_path, assets, overrides):
+    """Every stage declares fp32 outputs, so the fp16 pipeline passes the checks Core ML's validator
+    makes (name, shape and dtype of every stage input), and the executor runs it."""
+    import coremltools as ct
+
+    from diaropt.backends.coreml_program import check_pipeline
+    from diaropt.config import compose
+    from diaropt.variants.build import build_models
+
+    cfg = compose(["backend=coreml", "compute_unit=cpu_only", f"paths.cache_dir={tmp_path}", "segmentation.batch_size=1",
+                   "embedding.batch_size=1", *overrides])
+    built = build_models(cfg)
+    spec = ct.utils.load_spec(str(built.segmentation.path))
+    assert spec.WhichOneof("Type") == "pipeline"
+    check_pipeline(spec, str(built.segmentation.path))
+    chain = built.segmentation.load()
+    out = chain(waveforms=np.zeros(chain.inputs[0].shape, np.float32))
+    assert set(out) == {s.name for s in chain.outputs} and "embeddings" in out

@@ -434,3 +434,48 @@ def test_segmentation_model_quant(segmentation_model, dev00_audio, tmp_path):
         change = np.abs(probabilities - np.exp(reference)).max()
         agreement = (probabilities.argmax(-1) == reference.argmax(-1)).mean()
         assert 0 < change < 0.5 and agreement > 0.9, (mode, change, agreement)
+
+
+def test_w8a8_is_refused_before_any_work_off_macos(monkeypatch, tmp_path):
+    """Off macOS, quant=w8a8 (calibration needs Core ML predictions) raises the project's refusal
+    before a module is loaded, and ``diarize`` exits 3 with one line."""
+    import diaropt.variants.build as build
+    from diaropt.__main__ import main
+    from diaropt.backends.base import BackendUnavailable, is_macos
+    from diaropt.config import compose
+
+    if is_macos():
+        pytest.skip("w8a8 builds on macOS")
+
+    def no_modules(cfg):
+        raise AssertionError("modules were loaded before the refusal")
+
+    monkeypatch.setattr(build, "_torch_modules", no_modules)
+    for backend in ("coreml", "onnxruntime"):
+        with pytest.raises(BackendUnavailable, match="w8a8.*macOS"):
+            build.build_models(compose([f"backend={backend}", "quant=w8a8", f"paths.cache_dir={tmp_path}"]))
+    audio = tmp_path / "a.wav"
+    import soundfile as sf
+
+    sf.write(audio, np.zeros(16000, np.float32), 16000)
+    assert main(["diarize", str(audio), "--out", str(tmp_path / "rttm"), "backend=coreml", "quant=w8a8",
+                 f"paths.cache_dir={tmp_path}"]) == 3
+
+
+def test_int4_block_size_reaches_the_builder_and_the_cache_key(monkeypatch, tmp_path):
+    import diaropt.variants.build as build
+    from diaropt.config import compose
+
+    seen = []
+
+    def fake_cached_build(cache_root, payload, filename, make):
+        seen.append(payload)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(build, "cached_build", fake_cached_build)
+    for size in (16, 64):
+        with pytest.raises(RuntimeError, match="stop"):
+            build.build_models(compose(["backend=coreml", "quant=int4", f"quant.int4_block_size={size}",
+                                        f"paths.cache_dir={tmp_path}"]))
+    assert [p["int4_block_size"] for p in seen] == [16, 64]
+    assert build.content_key(seen[0]) != build.content_key(seen[1])

@@ -41,13 +41,13 @@ def diarize(argv: list[str]) -> int:
     if missing:
         print(f"error: no such audio file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    built = build_models(cfg)
     timer = StageTimer()
     progress = ChunkProgress(enabled=not args.no_progress)
-    try:
+    try:  # a refusal at build (e.g. quant=w8a8 off macOS) or at load: one line, exit 3
+        built = build_models(cfg)
         pipeline = load_pipeline(cfg, built, timer, progress)
     except BackendUnavailable as error:
-        print(f"error: {built.backend} cannot run on this host: {error.reason}", file=sys.stderr)
+        print(f"error: this configuration cannot run on this host: {error.reason}", file=sys.stderr)
         return 3
     args.out.mkdir(parents=True, exist_ok=True)
     audio_duration_s = 0.0

@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from diaropt.config import REPO_ROOT, to_container, validate
-from diaropt.keys import (AXIS_TAG_PREFIX, DER_FLUIDAUDIO_METRIC, DER_METRIC, PEAK_RSS, RTFX_METRIC, STAGES,
+from diaropt.keys import (AXIS_TAG_PREFIX, DER_FLUIDAUDIO_METRIC, DER_METRIC, PARITY_OK, PEAK_RSS, RTFX_METRIC, STAGES,
                           SUMMARY_METRICS, SUMMARY_PARAMS, TAG_JOB_NUM, TAG_OVERRIDES, TAG_PARITY_FLAG, TAG_SWEEP_DIR,
                           TAG_TIMINGS_COMPARABLE, TAG_TIMINGS_NOTE, TIME_BUILD, time_metric)
 
@@ -96,6 +96,14 @@ def _write_status(context: dict[str, Any], status: str, **details: Any) -> None:
     tmp.replace(folder / f"{context['job_num']}.json")
 
 
+def _provenance(cfg: DictConfig, backend: str):
+    """The job's timing / numerics sources (``diaropt.provenance``)."""
+    from diaropt.backends.base import is_macos
+    from diaropt.provenance import provenance
+
+    return provenance(backend, to_container(cfg)["quant"]["mode"], is_macos())
+
+
 def _axis_tags(cfg: DictConfig, backend: str) -> dict[str, str]:
     container = to_container(cfg)
     return {"backend": backend, "quant": container["quant"]["mode"],
@@ -157,6 +165,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
     run_name = ",".join(o for o in overrides if not o.startswith(("tracking.", "paths.", "hydra.")))
     run_name = run_name or "default"
     tags = {**host_tags(), **{f"{AXIS_TAG_PREFIX}{k}": v for k, v in _axis_tags(cfg, backend).items()},
+            **_provenance(cfg, backend).tags(),
             TAG_OVERRIDES: " ".join(overrides), TAG_JOB_NUM: str(context["job_num"])}
     meta = fallback_meta(tracking_uri, cfg.tracking.experiment_name, run_name, sweep_id, parent_tags)
     if not tracked:
@@ -198,13 +207,20 @@ def _run_logged(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[st
     from diaropt.parity import parity_flag, run_parity
     from diaropt.pipeline.timing import StageTimer
     from diaropt.runner import ChunkProgress, dataset_from_config, dataset_sha256, load_pipeline, run_dataset
+    from diaropt.backends import coreml_program
+    from diaropt.provenance import without_timings
     from diaropt.variants.build import build_models
 
+    source = _provenance(cfg, backend)
+    coreml_program.reset_stats()
     with PeakMemory() as memory:
         start = time.perf_counter()
         built = build_models(cfg)
         run.log_metrics({TIME_BUILD: time.perf_counter() - start, **built.graph_metrics()})
         run.log_params({f"weights_sha256.{k}": v for k, v in built.weights_sha256.items()})
+        if backend == "onnxruntime":  # the level each session runs at (the build's probe may lower it)
+            run.log_params({f"ort_optimization_level.{m.kind}": m.info.get("ort_level", cfg.backend.ort_optimization_level)
+                            for m in built.models() if m.path is not None})
         for model in built.models():
             run.log_json(model.info, f"models/{model.kind}_info.json")
             if model.path is not None and (model.path.parent / "op_histogram.json").is_file():
@@ -222,20 +238,45 @@ def _run_logged(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[st
                              keep_arrays=cfg.parity.enabled)
         progress.close()
     metrics = {**result.aggregate, PEAK_RSS: float(memory.peak_bytes)}
+    executor_rtfx = metrics.get(RTFX_METRIC)
+    if not source.logs_timings:  # numbers from the executor: its timings are not the target's
+        metrics = without_timings(metrics)
+        result.rows = [without_timings(row) for row in result.rows]
+    overflows = nonfinite_segmentation = 0.0
+    for label, stats in coreml_program.collected_stats().items():
+        executor_metrics = stats.as_metrics(f"executor_{label}")
+        overflows += executor_metrics[f"executor_{label}_fp16_overflows"]
+        if label in ("segmentation", "preprocessor"):
+            nonfinite_segmentation += executor_metrics[f"executor_{label}_nonfinite_outputs"]
+        metrics.update(executor_metrics)
     run.log_metrics(metrics)
     if cfg.parity.enabled:  # after the job's timings and memory: the reference run is not part of them
         parity = run_parity(cfg, backend, result)
         run.log_metrics(parity)
         metrics.update(parity)
-        run.set_tags({TAG_PARITY_FLAG: parity_flag(parity, cfg.parity.cosine_floor)})
+        flag = parity_flag(parity, cfg.parity.cosine_floor)
+        # NaN / inf the reference does not have: fp16 overflows anywhere in a Core ML program, or
+        # non-finite segmentation outputs (e.g. log of an fp16 softmax that underflowed to 0).
+        # Masked-out speaker slots' embeddings are NaN by design in every backend.
+        if overflows > 0 or nonfinite_segmentation > 0:
+            parity[PARITY_OK] = metrics[PARITY_OK] = 0.0
+            run.log_metrics({PARITY_OK: 0.0})
+            flag = (f"nonfinite_outputs ({int(nonfinite_segmentation)} non-finite segmentation values, "
+                    f"{int(overflows)} fp16 overflows in the Core ML programs)")
+        run.set_tags({TAG_PARITY_FLAG: flag})
     if result.aggregate.get("array_cache_hits", 0) > 0:
         run.set_tags({TAG_TIMINGS_COMPARABLE: "false", TAG_TIMINGS_NOTE: "network outputs came from the array cache"})
     run.log_table(result.rows, "results/per_file.json")
     run.log_dir(output_dir / "rttm", "rttm")
-    run.log_timing_plot({stage: result.aggregate[time_metric(stage)] for stage in STAGES})
-    log.info("%s: DER %.2f %% (pyannote) / %.2f %% (fluidaudio), RTFx %.1f", backend,
-             100 * result.aggregate[DER_METRIC], 100 * result.aggregate[DER_FLUIDAUDIO_METRIC],
-             result.aggregate[RTFX_METRIC])
+    if source.logs_timings:
+        run.log_timing_plot({stage: result.aggregate[time_metric(stage)] for stage in STAGES})
+        log.info("%s: DER %.2f %% (pyannote) / %.2f %% (fluidaudio), RTFx %.1f", backend,
+                 100 * result.aggregate[DER_METRIC], 100 * result.aggregate[DER_FLUIDAUDIO_METRIC],
+                 result.aggregate[RTFX_METRIC])
+    else:  # the executor's speed goes to the job log only, never to the metrics
+        log.info("%s (%s numerics, timings not measured): DER %.2f %% (pyannote) / %.2f %% (fluidaudio); "
+                 "executor RTFx %.2f (this host, not Core ML)", backend, source.numerics_source,
+                 100 * result.aggregate[DER_METRIC], 100 * result.aggregate[DER_FLUIDAUDIO_METRIC], executor_rtfx)
     return metrics
 
 

@@ -51,15 +51,49 @@ def convert_coreml(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
     model = ct.convert(
         traced,
         inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type) for s in inputs],
-        outputs=[ct.TensorType(name=s.name) for s in outputs],
+        # explicit output dtypes: an fp16 program otherwise declares fp16 outputs, and a pipeline whose
+        # next stage reads them as fp32 is refused by Core ML's validator
+        outputs=[ct.TensorType(name=s.name, dtype=np.dtype(s.dtype).type) for s in outputs],
         convert_to="mlprogram",
         minimum_deployment_target=getattr(ct.target, minimum_deployment_target),
-        compute_precision=compute_precision,
+        compute_precision=fbank_in_fp32(compute_precision),
         skip_model_load=True,
         **convert_kwargs,
     )
     save_mlpackage(model, path)
     return model
+
+
+FBANK_MODULE_TYPE = "KaldiFbank"
+
+
+def in_fbank(op) -> bool:
+    """Whether a MIL op was converted from the Kaldi fbank (``models.fbank.KaldiFbank``), by the
+    TorchScript module scopes coremltools keeps on every converted op."""
+    from coremltools.converters.mil.mil.scope import ScopeSource
+
+    scopes = getattr(op, "scopes", None) or {}
+    return FBANK_MODULE_TYPE in (scopes.get(ScopeSource.TORCHSCRIPT_MODULE_TYPE) or ())
+
+
+def fbank_in_fp32(compute_precision):
+    """``compute_precision`` with every fbank op kept in fp32.
+
+    The fbank in fp16 breaks: mel energies of normal speech fall below fp16's normal range, its log
+    floor (1.19e-7) is subnormal, a full-scale tone overflows 65504 in the power spectrum, and
+    WeSpeaker's front end (waveform x 32768) overflows on ordinary speech. fp32 stays fp32.
+    """
+    import coremltools as ct
+
+    if compute_precision == ct.precision.FLOAT32:
+        return compute_precision
+    inner = None
+    if isinstance(compute_precision, ct.transform.FP16ComputePrecision):
+        inner = compute_precision.op_selector
+    elif compute_precision != ct.precision.FLOAT16:
+        return compute_precision
+    return ct.transform.FP16ComputePrecision(
+        op_selector=lambda op: not in_fbank(op) and (inner is None or inner(op)))
 
 
 def save_mlpackage(model, path: Path) -> Path:
@@ -174,7 +208,9 @@ def load_mil_program(path: Path):
 class CoreMLModel:
     """A saved ``.mlpackage``, compiled and loaded with a compute unit on macOS.
 
-    ``compile_s`` holds the measured compilation time (the design note's "Model Compilation").
+    ``compile_s`` holds the measured compilation + load time (the design note's "Model Compilation":
+    ``compile_model`` and the load with the compute unit, where the device-specific compilation
+    happens); ``compiled_s`` the ``compile_model`` part alone.
     """
 
     def __init__(self, path: Path, compute_unit: str = "all") -> None:
@@ -192,10 +228,12 @@ class CoreMLModel:
             raise BackendUnavailable(NEEDS_MACOS.format(what="compilation"))
         import coremltools as ct
 
+        # compile + load with the compute unit: the load is where the device-specific compilation happens
         start = time.perf_counter()
         compiled = ct.models.utils.compile_model(str(self.path))
-        self.compile_s = time.perf_counter() - start
+        self.compiled_s = time.perf_counter() - start
         self._model = ct.models.CompiledMLModel(compiled, getattr(ct.ComputeUnit, COMPUTE_UNITS[self.compute_unit]))
+        self.compile_s = time.perf_counter() - start
 
     def prepare_feeds(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """The inputs as Core ML takes them; a name, shape or dtype the spec does not declare fails here."""

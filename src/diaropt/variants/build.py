@@ -137,6 +137,19 @@ def cached_build(cache_root: Path, payload: dict[str, Any], filename: str,
     return entry / filename, info
 
 
+COREML_BUILD_REVISION = 2
+
+
+def refuse_unbuildable(mode: str) -> None:
+    """``BackendUnavailable`` before any work for a quant mode this host cannot build: w8a8
+    calibrates activations with Core ML predictions (macOS only)."""
+    from diaropt.variants import quant
+
+    spec = quant.COREML_QUANT.get(mode)
+    if spec is not None and spec.needs_macos and not is_macos():
+        raise BackendUnavailable(f"quant={mode} cannot be built on this host: {spec.needs_macos}")
+
+
 def _torch_modules(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], dict[str, str], int]:
     from diaropt.models.embedding import load_embedding_model, load_segmentation_model
 
@@ -170,6 +183,9 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
     compute_unit = _value(cfg.compute_unit.name)
     plan = fusion.FusionPlan.from_config(cfg)
     plan.check()
+    if backend in ("coreml", "onnxruntime"):  # before any work
+        for kind in ("segmentation", "embedding"):
+            refuse_unbuildable(quant_mode_for(cfg, kind))
     modules, weights_sha, embedding_dim = _torch_modules(cfg)
     cache_root = Path(cache_dir or cfg.paths.cache_dir or default_cache_dir()) / "models"
     stages = fusion.stage_specs(plan, modules["segmentation"], modules["embedding"], cfg.segmentation.batch_size,
@@ -180,6 +196,8 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
         weights = weights_sha["segmentation" if stage.kind in ("segmentation", "preprocessor") else "embedding"]
         variant = {"kind": stage.kind, "weights_sha256": weights, "quant": mode, "backend": backend,
                    "tools": _tool_versions(), **stage.variant}
+        if mode == "int4":  # the block size changes the weights (Core ML, and the faithful ONNX graph)
+            variant["int4_block_size"] = int(cfg.quant.int4_block_size)
         if stage.kind in ("embedding", "fbank"):  # not embedding_pool: it never sees the fbank
             variant.update(embedding=_value(cfg.embedding.name), frame_extraction=_value(cfg.frame_extraction.mode),
                            frame_batch_size=cfg.frame_extraction.batch_size)
@@ -195,6 +213,8 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
             built[stage.kind] = _onnx_model(*args, cfg, cache_root, variant, extra=extra, example_batch=example_batch)
         elif backend == "coreml":
             variant["batch_size"] = stage.inputs[0].shape[0]  # Core ML shapes are fixed
+            # 2: explicit fp32 output dtypes and the fbank kept in fp32 in fp16/compressed builds
+            variant["coreml_build_revision"] = COREML_BUILD_REVISION
             built[stage.kind] = _coreml_model(*args, cfg, cache_root, variant, extra=extra,
                                               example_batch=example_batch)
         else:
@@ -266,7 +286,7 @@ def _chain_model(backend: str, stages: list[BuiltModel], cache_root: Path, compu
                 "stage_content_keys": payload["stages"]}
 
     path, built_info = cached_build(cache_root, payload, "model.mlpackage", build)
-    return BuiltModel("pipeline", "coreml", path, built_info, lambda: coreml.CoreMLModel(path, compute_unit))
+    return BuiltModel("pipeline", "coreml", path, built_info, lambda: coreml_runnable(path, compute_unit, "pipeline"))
 
 
 def _torch_model(kind, module, inputs, outputs, mode, compute_unit, extra: dict[str, Any] | None = None) -> BuiltModel:
@@ -302,7 +322,9 @@ def _onnx_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_ro
         else:
             from diaropt.variants import quant
 
-            path, info = quant.build_onnx(module, example, inputs, outputs, path, mode, work_dir=path.parent)
+            options = {"coreml_block_size": variant["int4_block_size"]} if "int4_block_size" in variant else {}
+            path, info = quant.build_onnx(module, example, inputs, outputs, path, mode, work_dir=path.parent,
+                                          **options)
         histogram = ort_backend.op_histogram(path)
         (path.parent / "op_histogram.json").write_text(json.dumps(histogram, indent=1))
         info.update(onnx_slice_ops=ort_backend.data_slice_count(path), onnx_ops=sum(histogram.values()),
@@ -331,7 +353,8 @@ def _coreml_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_
         else:
             from diaropt.variants import quant
 
-            path, info = quant.build_coreml(module, example, inputs, outputs, path, mode)
+            options = {"block_size": variant["int4_block_size"]} if "int4_block_size" in variant else {}
+            path, info = quant.build_coreml(module, example, inputs, outputs, path, mode, **options)
         histogram = coreml.op_histogram(path)
         (path.parent / "op_histogram.json").write_text(json.dumps(histogram, indent=1))
         info.update(coreml_slice_by_index_ops=histogram.get("slice_by_index", 0),
@@ -340,4 +363,17 @@ def _coreml_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_
         return info
 
     path, info = cached_build(cache_root, variant, "model.mlpackage", build)
-    return BuiltModel(kind, "coreml", path, info, lambda: coreml.CoreMLModel(path, compute_unit))
+    return BuiltModel(kind, "coreml", path, info, lambda: coreml_runnable(path, compute_unit, kind))
+
+
+def coreml_runnable(path: Path, compute_unit: str, label: str) -> RunnableModel:
+    """A saved package as a runnable model: Apple's Core ML on macOS (compiled and loaded with the
+    compute unit); elsewhere the project's ML-program executor (``backends.coreml_program``), whose
+    numerics a job tags ``coreml_program`` and whose timings are never logged (``diaropt.provenance``)."""
+    if is_macos():
+        from diaropt.backends import coreml
+
+        return coreml.CoreMLModel(path, compute_unit)
+    from diaropt.backends.coreml_program import CoreMLProgramModel
+
+    return CoreMLProgramModel(path, label)

@@ -478,17 +478,21 @@ def make_coreml_pipeline(paths: list[Any], out_path: Any) -> Any:
 
     from diaropt.backends.coreml import save_mlpackage
 
+    from diaropt.backends.coreml_program import PipelineTypeError, check_pipeline
+
     models = [ct.models.MLModel(str(p), skip_model_load=True) for p in paths]
-    produced: dict[str, tuple[int, ...]] = {}
+    produced: dict[str, tuple[tuple[int, ...], int]] = {}
     for path, model in zip(paths, models):
         description = model.get_spec().description
         for feature in description.input:
-            shape = tuple(feature.type.multiArrayType.shape)
-            if feature.name in produced and produced[feature.name] != shape:
-                raise BackendUnavailable(f"Core ML pipeline: {feature.name} is {produced[feature.name]} where produced "
-                                         f"but {shape} where {path} reads it")
-        produced.update({f.name: tuple(f.type.multiArrayType.shape) for f in description.output})
+            declared = (tuple(feature.type.multiArrayType.shape), feature.type.multiArrayType.dataType)
+            if feature.name in produced and produced[feature.name] != declared:
+                raise PipelineTypeError(f"Core ML pipeline: {feature.name} is (shape, dataType) {produced[feature.name]} "
+                                        f"where produced but {declared} where {path} reads it")
+        produced.update({f.name: (tuple(f.type.multiArrayType.shape), f.type.multiArrayType.dataType)
+                         for f in description.output})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipeline = ct.utils.make_pipeline(*models)
+    check_pipeline(pipeline.get_spec(), str(out_path))  # what Core ML's validator checks at load
     return save_mlpackage(pipeline, out_path)

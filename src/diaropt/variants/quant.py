@@ -3,7 +3,11 @@
 Core ML (``build_coreml``, modes in ``COREML_QUANT``): compute precision (``fp32``, ``fp16``,
 ``fp16_selective``) set at conversion; weight compression (``int8``, ``int4``, ``palettize4/6/8``)
 applied to the converted program with ``coremltools.optimize.coreml``; ``w8a8`` also quantizes
-activations, which needs Core ML predictions for calibration (macOS only).
+activations, which needs Core ML predictions for calibration (``linear_quantize_activations`` runs
+the model): it is refused before any work off macOS (``variants.build.refuse_unbuildable``).
+``int4`` needs the iOS18 / macOS15 opset, where coremltools converts the segmentation LSTMs in fp16
+too (under macOS13 the LSTM op is fp32 only, with casts around it). The fbank (waveform to log-mel)
+stays fp32 in every fp16 and compressed build (``backends.coreml.fbank_in_fp32``).
 
 ONNX Runtime (``build_onnx``, modes in ``ONNX_QUANT``): ``native`` variants (``fp32``, ``fp16``,
 ``fp16_selective``, ``int8_dynamic``) transform the exported graph; ``faithful_coreml`` variants carry

@@ -1,0 +1,182 @@
+"""Check a configuration's Core ML models on a Mac: ``python -m diaropt.coreml_check [overrides]``.
+
+Steps, per model of the configuration (``backend=coreml`` forced):
+
+1. build the packages (``variants.build.build_models``; any OS);
+2. run the evaluation clip (the first 10 s of the dataset's first file) through the project's
+   ML-program executor (``backends.coreml_program``; any OS);
+3. under every compute unit: compile (``compile_model``) and load, report where each op runs
+   (``MLComputePlan``, macOS 14.4+), predict the clip and compare with the executor (max abs
+   difference, cosine), timing compile, load and prediction (macOS only).
+
+Off macOS steps 1-2 run and every step of 3 is reported as needing macOS. All Apple calls go
+through ``AppleRuntime`` (the single boundary the tests mock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diaropt.backends.base import BackendUnavailable, is_macos
+
+COMPUTE_UNITS = ("cpu_only", "cpu_and_gpu", "cpu_and_ne", "all")
+NEEDS_MACOS = "needs macOS (Apple's Core ML framework)"
+
+
+class AppleRuntime:
+    """Apple's Core ML calls (macOS): compile, load with a compute unit, op placement, predict."""
+
+    def __init__(self) -> None:
+        if not is_macos():
+            raise BackendUnavailable(f"compile, load, MLComputePlan and prediction {NEEDS_MACOS}")
+        import coremltools as ct
+
+        self.ct = ct
+
+    def compile(self, path: Path) -> str:
+        return self.ct.models.utils.compile_model(str(path))
+
+    def load(self, compiled: str, compute_unit: str):
+        from diaropt.backends.coreml import COMPUTE_UNITS as UNITS
+
+        return self.ct.models.CompiledMLModel(compiled, getattr(self.ct.ComputeUnit, UNITS[compute_unit]))
+
+    def op_placement(self, compiled: str, compute_unit: str) -> dict[str, int] | str:
+        """{device: op count} from ``MLComputePlan`` (macOS 14.4+), else why it is unavailable."""
+        from diaropt.backends.coreml import COMPUTE_UNITS as UNITS
+
+        try:
+            from coremltools.models.compute_plan import MLComputePlan
+        except ImportError as error:
+            return f"MLComputePlan unavailable ({error})"
+        try:
+            plan = MLComputePlan.load_from_path(compiled, getattr(self.ct.ComputeUnit, UNITS[compute_unit]))
+        except Exception as error:  # noqa: BLE001 - older macOS: say so, go on
+            return f"MLComputePlan unavailable (needs macOS 14.4+): {error}"
+        counts: dict[str, int] = {}
+        program = plan.model_structure.program
+        for function in program.functions.values():
+            for operation in function.block.operations:
+                usage = plan.get_compute_device_usage_for_mlprogram_operation(operation)
+                device = type(usage.preferred_compute_device).__name__ if usage is not None else "none"
+                counts[device] = counts.get(device, 0) + 1
+        return counts
+
+    def predict(self, model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in model.predict(feeds).items()}
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    """Max abs difference and cosine similarity over the finite elements of both (float64)."""
+    got, want = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
+    finite = np.isfinite(got) & np.isfinite(want)
+    a, b = got[finite], want[finite]
+    norm = np.linalg.norm(a) * np.linalg.norm(b)
+    return {"max_abs": float(np.abs(a - b).max()) if a.size else float("nan"),
+            "cosine": float(a @ b / norm) if norm > 0 else float("nan"),
+            "nonfinite_mismatch": int((np.isfinite(got) != np.isfinite(want)).sum())}
+
+
+def clip_feeds(inputs, clip: np.ndarray, earlier: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs of one model: waveforms from the clip (every row), earlier models' outputs by name,
+    masks all ones (every frame active)."""
+    feeds = {}
+    for spec in inputs:
+        if spec.name in earlier and earlier[spec.name].shape == tuple(spec.shape):
+            feeds[spec.name] = earlier[spec.name]
+        elif spec.name == "waveforms":
+            feeds[spec.name] = np.broadcast_to(clip[: spec.shape[-1]], spec.shape).astype(np.float32).copy()
+        elif spec.name == "masks":
+            feeds[spec.name] = np.ones(spec.shape, np.float32)
+        else:
+            raise ValueError(f"no clip input for {spec.name!r} {spec.shape}: no earlier model produces it")
+    return feeds
+
+
+def check(overrides: list[str], compute_units: tuple[str, ...] = COMPUTE_UNITS,
+          runtime_factory=AppleRuntime) -> dict[str, Any]:
+    """Run every step this host can; a JSON-able report (``steps_needing_macos`` lists the rest)."""
+    from diaropt.backends.coreml_program import CoreMLProgramModel
+    from diaropt.config import compose
+    from diaropt.pipeline.audio import load_audio
+    from diaropt.runner import dataset_from_config
+    from diaropt.variants.build import build_models
+
+    cfg = compose([*overrides, "backend=coreml"])
+    report: dict[str, Any] = {"overrides": overrides, "host_is_macos": is_macos(), "models": {}}
+    start = time.perf_counter()
+    built = build_models(cfg)
+    report["build_s"] = time.perf_counter() - start
+    item = next(iter(dataset_from_config(cfg)))
+    clip = load_audio(item.audio_path)[:160000]
+    clip = np.pad(clip, (0, max(0, 160000 - clip.shape[0])))
+    report["clip"] = f"{item.uri}: first {clip.shape[0] / 16000:g} s"
+    try:
+        runtime = runtime_factory()
+    except BackendUnavailable as error:
+        runtime, report["steps_needing_macos"] = None, ["compile", "load", "op placement (MLComputePlan)",
+                                                        "prediction", "comparison with the executor"]
+        report["macos_reason"] = error.reason
+    earlier: dict[str, np.ndarray] = {}
+    stages = [m for m in built.stages if m.path is not None] or [m for m in built.models() if m.path is not None]
+    for model in stages:
+        executor = CoreMLProgramModel(model.path, model.kind)
+        feeds = clip_feeds(executor.inputs, clip, earlier)
+        start = time.perf_counter()
+        reference = executor(**feeds)
+        entry: dict[str, Any] = {"path": str(model.path), "executor_s": time.perf_counter() - start,
+                                 "executor_stats": dict(executor.stats.counts),
+                                 "executor_first_nonfinite_op": executor.stats.first_nonfinite_op, "units": {}}
+        earlier.update(reference)
+        if runtime is not None:
+            for unit in compute_units:
+                row: dict[str, Any] = {}
+                start = time.perf_counter()
+                compiled = runtime.compile(model.path)
+                row["compile_s"] = time.perf_counter() - start
+                start = time.perf_counter()
+                loaded = runtime.load(compiled, unit)
+                row["load_s"] = time.perf_counter() - start
+                row["op_placement"] = runtime.op_placement(compiled, unit)
+                start = time.perf_counter()
+                outputs = runtime.predict(loaded, feeds)
+                row["predict_s"] = time.perf_counter() - start
+                row["vs_executor"] = {name: compare(outputs[name], reference[name]) for name in reference}
+                entry["units"][unit] = row
+        report["models"][model.kind] = entry
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diaropt.coreml_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compute-units", default=",".join(COMPUTE_UNITS))
+    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
+    args, overrides = parser.parse_known_args(argv)
+    units = tuple(u for u in args.compute_units.split(",") if u)
+    bad = [u for u in units if u not in COMPUTE_UNITS]
+    if bad:
+        parser.error(f"unknown compute units {bad}; expected some of {COMPUTE_UNITS}")
+    try:
+        report = check(overrides, units)
+    except BackendUnavailable as error:
+        print(f"error: this configuration cannot be built on this host: {error.reason}", file=sys.stderr)
+        return 3
+    text = json.dumps(report, indent=1, default=str)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if not report["host_is_macos"]:
+        print(f"ran: build, executor. Not run here ({report['macos_reason']}): "
+              f"{', '.join(report['steps_needing_macos'])}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``python -m diaropt.coreml_check``: every step up to Apple's runtime, which is mocked at its one boundary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diaropt.backends.base import BackendUnavailable, TensorSpec
+from diaropt.coreml_check import check, clip_feeds, compare
+
+
+def test_compare_and_clip_feeds():
+    result = compare(np.array([1.0, 2.0, np.inf]), np.array([1.0, 2.5, 3.0]))
+    assert result["max_abs"] == pytest.approx(0.5) and result["nonfinite_mismatch"] == 1
+    assert 0.99 < result["cosine"] <= 1.0
+    clip = np.arange(10, dtype=np.float32)
+    feeds = clip_feeds([TensorSpec("waveforms", (2, 10)), TensorSpec("masks", (2, 3))], clip, {})
+    assert (feeds["waveforms"][1] == clip).all() and (feeds["masks"] == 1).all()
+    with pytest.raises(ValueError, match="features"):
+        clip_feeds([TensorSpec("features", (2, 4))], clip, {})
+
+
+class FakeApple:
+    """Stands in for Apple's runtime at the boundary: 'predicts' by the executor plus 1e-3."""
+
+    calls: list[tuple[str, str]] = []
+
+    def compile(self, path):
+        return str(path)
+
+    def load(self, compiled, compute_unit):
+        from diaropt.backends.coreml_program import CoreMLProgramModel
+
+        FakeApple.calls.append(("load", compute_unit))
+        return CoreMLProgramModel(compiled, "fake")
+
+    def op_placement(self, compiled, compute_unit):
+        return {"MLCPUComputeDevice": 3}
+
+    def predict(self, model, feeds):
+        return {k: v + 1e-3 for k, v in model(**feeds).items()}
+
+
+def _unavailable():
+    raise BackendUnavailable("compile, load, MLComputePlan and prediction needs macOS")
+
+
+@pytest.mark.slow
+def test_check_runs_build_and_executor_and_compares_with_the_mocked_runtime(tmp_path, assets):
+    overrides = ["dataset=sample", "segmentation.batch_size=1", "embedding.batch_size=1", f"paths.cache_dir={tmp_path}",
+                 "compute_unit=cpu_only"]
+    off_mac = check(overrides, runtime_factory=_unavailable)
+    assert "prediction" in off_mac["steps_needing_macos"] and "needs macOS" in off_mac["macos_reason"]
+    assert set(off_mac["models"]) >= {"segmentation", "embedding"}
+    assert all(entry["units"] == {} and entry["executor_stats"]["calls"] == 1 for entry in off_mac["models"].values())
+    mocked = check(overrides, compute_units=("all", "cpu_and_ne"), runtime_factory=FakeApple)
+    for entry in mocked["models"].values():
+        assert set(entry["units"]) == {"all", "cpu_and_ne"}
+        for row in entry["units"].values():
+            assert row["op_placement"] == {"MLCPUComputeDevice": 3}
+            for diff in row["vs_executor"].values():
+                assert diff["max_abs"] == pytest.approx(1e-3, rel=1e-2) and diff["cosine"] > 0.999
