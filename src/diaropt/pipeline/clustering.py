@@ -600,12 +600,11 @@ class VBxClustering(AgglomerativeClustering):
     constrained assignment.
 
     Stand-in for the PLDA: pyannote loads an x-vector transform and a PLDA trained on many
-    speakers from the model hub; there is none for CAM++ here. Instead an *isotropic two-covariance
-    model is estimated on each file from the AHC initialisation*: the unit embeddings are centred on
-    the file's mean, the within-cluster variance per dimension ``w`` and the between-cluster
-    variance ``b`` of the cluster means are measured over the AHC clusters with at least 2 members,
-    features are ``(x - mean) / sqrt(w)`` (within-class covariance ~ identity) and
-    ``phi = max(b / w, phi_floor)`` in every dimension. No labels or training data are involved.
+    speakers from the model hub; there is none for CAM++ here. Instead a *two-covariance model is
+    estimated on each file from its AHC initialisation* (:meth:`features`: LDA of the AHC clusters
+    with a shrunk within-cluster covariance, 128 directions at most like pyannote's
+    ``lda_dimension``). No labels or training data are involved, so it cannot know what separates
+    speakers in general, only what separates this file's initial clusters.
 
     Speaker counts: if the VBx count misses ``num_speakers`` / ``[min_speakers, max_speakers]``, the
     centroids come from the AHC's forced-count cut instead (exactly the requested count);
@@ -620,6 +619,8 @@ class VBxClustering(AgglomerativeClustering):
         fa: float = 0.07,
         fb: float = 0.8,
         max_iters: int = 20,
+        lda_dim: int = 128,
+        shrinkage: float = 0.1,
         phi_floor: float = 1e-3,
         **base: Any,
     ) -> None:
@@ -631,21 +632,41 @@ class VBxClustering(AgglomerativeClustering):
             raise ValueError(f"fa and fb must be > 0, got fa={fa}, fb={fb}")
         if max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+        if lda_dim < 1 or not 0.0 < shrinkage <= 1.0:
+            raise ValueError(f"lda_dim must be >= 1 and shrinkage in (0, 1], got {lda_dim}, {shrinkage}")
         self.fa, self.fb, self.max_iters, self.phi_floor = float(fa), float(fb), int(max_iters), float(phi_floor)
+        self.lda_dim, self.shrinkage = int(lda_dim), float(shrinkage)
 
     def features(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(features (N, D), phi (D,))`` of unit embeddings ``x (N, D)`` given AHC ``labels (N,)``."""
+        """``(features (N, d), phi (d,))`` of unit embeddings ``x (N, D)`` given AHC ``labels (N,)``.
+
+        Two-covariance model estimated on the file: within-cluster scatter ``Sw`` (over clusters
+        with >= 2 members, shrunk by ``shrinkage`` towards its mean variance so that it is
+        invertible with few embeddings) and between-cluster scatter ``Sb`` of the cluster means;
+        the generalised eigenvectors ``Sb v = phi Sw v`` (``v^T Sw v = 1``) whiten the within-class
+        covariance and diagonalise the between-class one, like pyannote's PLDA transform. At most
+        ``lda_dim`` directions are kept; ``phi`` is floored at ``phi_floor``.
+        """
+        from scipy.linalg import eigh
+
         centred = x - x.mean(axis=0)
+        dimension = x.shape[1]
         sizes = np.bincount(labels)
         multi = np.flatnonzero(sizes >= 2)
-        if multi.size == 0:
-            return centred / np.sqrt(max(float(np.mean(centred**2)), 1e-12)), np.full(x.shape[1], self.phi_floor)
-        members = np.isin(labels, multi)
         means = np.stack([centred[labels == k].mean(axis=0) for k in range(sizes.size)])
-        within = float(np.mean((centred[members] - means[labels[members]]) ** 2))
-        between = float(np.mean(means[multi] ** 2)) if multi.size > 1 else 0.0
-        within = max(within, 1e-12)
-        return centred / np.sqrt(within), np.full(x.shape[1], max(between / within, self.phi_floor))
+        members = np.isin(labels, multi)
+        if not members.any():
+            scale = np.sqrt(max(float(np.mean(centred**2)), 1e-12))
+            return centred[:, : self.lda_dim] / scale, np.full(min(self.lda_dim, dimension), self.phi_floor)
+        residual = centred[members] - means[labels[members]]
+        within = residual.T @ residual / residual.shape[0]
+        mean_variance = max(float(np.trace(within)) / dimension, 1e-12)
+        within = (1.0 - self.shrinkage) * within + self.shrinkage * mean_variance * np.eye(dimension)
+        weights = sizes / sizes.sum()
+        between = (means * weights[:, None]).T @ means
+        phi, vectors = eigh(between, within)  # ascending; vectors^T within vectors = I
+        order = np.argsort(phi)[::-1][: self.lda_dim]
+        return centred @ vectors[:, order], np.maximum(phi[order], self.phi_floor)
 
     def cluster_vectors(self, x: np.ndarray, bounds: ClusterBounds) -> np.ndarray:
         num_embeddings = x.shape[0]
