@@ -368,7 +368,7 @@ def test_vbx_merges_an_over_split_initialisation() -> None:
     truth = _random_truth(60, 3)
     emb = _make_embeddings(truth, _speakers(3), noise=0.15)
     ahc = get_clustering("ahc", threshold=0.4, min_cluster_size=1)(emb)
-    vbx = get_clustering("vbx", threshold=0.4, fb=3.0)(emb)
+    vbx = get_clustering("vbx", threshold=0.4, fa=1.0, fb=0.8)(emb)
     assert ahc.num_clusters > 10
     assert vbx.num_clusters == 3
     _assert_matches_truth(vbx.hard_clusters, truth)

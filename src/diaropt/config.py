@@ -150,8 +150,8 @@ class EmbeddingConfig:
 class ClusteringConfig:
     # the variant's class (diaropt.pipeline.clustering); every key below that is not null is passed to it
     # (hydra.utils.instantiate): a key the variant does not have is an error, never silently dropped
-    _target_: str = "diaropt.pipeline.clustering.OnlineEMAClustering"
-    method: ClusteringMethod = ClusteringMethod.online_ema
+    _target_: str = "diaropt.pipeline.clustering.VBxClustering"
+    method: ClusteringMethod = ClusteringMethod.vbx
     threshold: float = 0.6
     min_cluster_size: Optional[int] = None  # ahc, online_ema
     min_active_ratio: float = 0.2
@@ -159,6 +159,7 @@ class ClusteringConfig:
     fa: Optional[float] = None  # vbx
     fb: Optional[float] = None  # vbx
     max_iters: Optional[int] = None  # vbx
+    phi: Optional[float] = None  # vbx: between-class variance of the cosine PLDA stand-in
     num_speakers: Optional[int] = None
     min_speakers: Optional[int] = None
     max_speakers: Optional[int] = None

@@ -600,11 +600,14 @@ class VBxClustering(AgglomerativeClustering):
     constrained assignment.
 
     Stand-in for the PLDA: pyannote loads an x-vector transform and a PLDA trained on many
-    speakers from the model hub; there is none for CAM++ here. Instead a *two-covariance model is
-    estimated on each file from its AHC initialisation* (:meth:`features`: LDA of the AHC clusters
-    with a shrunk within-cluster covariance, 128 directions at most like pyannote's
-    ``lda_dimension``). No labels or training data are involved, so it cannot know what separates
-    speakers in general, only what separates this file's initial clusters.
+    speakers from the model hub; there is none for CAM++ here. Instead a *cosine PLDA*: the unit
+    embeddings, centred on the file's mean and scaled by ``sqrt(D)`` (pyannote's transform also
+    length-normalises to ``sqrt(dim)``), with identity within-class covariance and the same
+    between-class variance ``phi`` in every dimension, so the VBx likelihoods depend on cosine
+    geometry only; ``phi``, ``fa`` and ``fb`` are hyper-parameters (chosen on the dev set). A
+    per-file LDA of the AHC clusters was tried first and rejected: it only confirms the initial
+    clusters (dev DER 24.7 % at best vs 22.5 % for AHC, over-splitting 5-speaker conversations
+    into 13).
 
     Speaker counts: if the VBx count misses ``num_speakers`` / ``[min_speakers, max_speakers]``, the
     centroids come from the AHC's forced-count cut instead (exactly the requested count);
@@ -619,9 +622,7 @@ class VBxClustering(AgglomerativeClustering):
         fa: float = 0.07,
         fb: float = 0.8,
         max_iters: int = 20,
-        lda_dim: int = 128,
-        shrinkage: float = 0.1,
-        phi_floor: float = 1e-3,
+        phi: float = 2.0,
         **base: Any,
     ) -> None:
         if "min_cluster_size" in base:
@@ -632,41 +633,15 @@ class VBxClustering(AgglomerativeClustering):
             raise ValueError(f"fa and fb must be > 0, got fa={fa}, fb={fb}")
         if max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {max_iters}")
-        if lda_dim < 1 or not 0.0 < shrinkage <= 1.0:
-            raise ValueError(f"lda_dim must be >= 1 and shrinkage in (0, 1], got {lda_dim}, {shrinkage}")
-        self.fa, self.fb, self.max_iters, self.phi_floor = float(fa), float(fb), int(max_iters), float(phi_floor)
-        self.lda_dim, self.shrinkage = int(lda_dim), float(shrinkage)
+        if phi <= 0:
+            raise ValueError(f"phi must be > 0, got {phi}")
+        self.fa, self.fb, self.max_iters, self.phi = float(fa), float(fb), int(max_iters), float(phi)
 
-    def features(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(features (N, d), phi (d,))`` of unit embeddings ``x (N, D)`` given AHC ``labels (N,)``.
-
-        Two-covariance model estimated on the file: within-cluster scatter ``Sw`` (over clusters
-        with >= 2 members, shrunk by ``shrinkage`` towards its mean variance so that it is
-        invertible with few embeddings) and between-cluster scatter ``Sb`` of the cluster means;
-        the generalised eigenvectors ``Sb v = phi Sw v`` (``v^T Sw v = 1``) whiten the within-class
-        covariance and diagonalise the between-class one, like pyannote's PLDA transform. At most
-        ``lda_dim`` directions are kept; ``phi`` is floored at ``phi_floor``.
-        """
-        from scipy.linalg import eigh
-
-        centred = x - x.mean(axis=0)
+    def features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(features (N, D), phi (D,))`` of unit embeddings ``x (N, D)``: the cosine stand-in for
+        the PLDA (class docstring): ``sqrt(D) * (x - mean)`` and ``phi`` in every dimension."""
         dimension = x.shape[1]
-        sizes = np.bincount(labels)
-        multi = np.flatnonzero(sizes >= 2)
-        means = np.stack([centred[labels == k].mean(axis=0) for k in range(sizes.size)])
-        members = np.isin(labels, multi)
-        if not members.any():
-            scale = np.sqrt(max(float(np.mean(centred**2)), 1e-12))
-            return centred[:, : self.lda_dim] / scale, np.full(min(self.lda_dim, dimension), self.phi_floor)
-        residual = centred[members] - means[labels[members]]
-        within = residual.T @ residual / residual.shape[0]
-        mean_variance = max(float(np.trace(within)) / dimension, 1e-12)
-        within = (1.0 - self.shrinkage) * within + self.shrinkage * mean_variance * np.eye(dimension)
-        weights = sizes / sizes.sum()
-        between = (means * weights[:, None]).T @ means
-        phi, vectors = eigh(between, within)  # ascending; vectors^T within vectors = I
-        order = np.argsort(phi)[::-1][: self.lda_dim]
-        return centred @ vectors[:, order], np.maximum(phi[order], self.phi_floor)
+        return np.sqrt(dimension) * (x - x.mean(axis=0)), np.full(dimension, self.phi)
 
     def cluster_vectors(self, x: np.ndarray, bounds: ClusterBounds) -> np.ndarray:
         num_embeddings = x.shape[0]
@@ -675,7 +650,7 @@ class VBxClustering(AgglomerativeClustering):
         dendrogram = linkage(x, method="centroid", metric="euclidean")
         initial = np.unique(fcluster(dendrogram, self.threshold, criterion="distance") - 1,
                             return_inverse=True)[1]
-        features, phi = self.features(x, initial)
+        features, phi = self.features(x)
         gamma, prior = vbx_refine(initial, features, phi, self.fa, self.fb, self.max_iters)
         kept = prior > 1e-7
         labels = np.argmax(gamma[:, kept], axis=1)
