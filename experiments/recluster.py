@@ -7,7 +7,8 @@ Every configuration is composed from conf/ like a sweep job (``cache_arrays=true
 embeddings come from the array cache after the first configuration), so the numbers equal
 ``python experiments/sweep.py -m dataset=dev clustering=... clustering.threshold=... cache_arrays=true
 parity.enabled=false`` without MLflow and without loading the models again per job. Writes one JSON with per-file
-rows (DER, missed detection, false alarm, confusion; collar 0, overlap scored) per configuration.
+rows (DER, missed detection, false alarm, confusion; collar 0, overlap scored) per configuration, and the same
+as markdown tables beside it (``.md``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,24 @@ def expand(grid: str) -> list[list[str]]:
         key, values = token.split("=", 1)
         axes.append([f"{key}={value}" for value in values.split(",")])
     return [list(combination) for combination in itertools.product(*axes)]
+
+
+def markdown(results: dict) -> str:
+    """Per-file DER table (percent; missed / false alarm / confusion) of every configuration in ``results``."""
+    lines = [f"## dataset={results['dataset']}", ""]
+    for entry in results["results"]:
+        aggregate = entry["aggregate"]
+        lines += [f"### {' '.join(entry['overrides'])}: DER {100 * aggregate['der_pyannote']:.2f} % "
+                  f"(missed {100 * aggregate['missed_pyannote']:.2f}, false alarm "
+                  f"{100 * aggregate['false_alarm_pyannote']:.2f}, confusion {100 * aggregate['confusion_pyannote']:.2f})",
+                  "", "| file | speakers ref / hyp | DER % | missed % | false alarm % | confusion % |",
+                  "|---|---|---|---|---|---|"]
+        for row in entry["rows"]:
+            lines.append(f"| {row['uri']} | {row['num_speakers_reference']} / {row['num_speakers_hypothesis']} | "
+                         f"{100 * row['der_pyannote']:.2f} | {100 * row['missed_pyannote']:.2f} | "
+                         f"{100 * row['false_alarm_pyannote']:.2f} | {100 * row['confusion_pyannote']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"dataset": args.dataset, "base": base, "results": results}, indent=1))
+    args.out.with_suffix(".md").write_text(markdown({"dataset": args.dataset, "results": results}))
     return 0
 
 
