@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{' '.join(overrides):60s} DER {100 * result.aggregate['der_pyannote']:6.2f} % "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"dataset": args.dataset, "base": base, "results": results}, indent=1))
+        args.out.write_text(json.dumps({"dataset": args.dataset, "base": base, "results": results}))
     args.out.with_suffix(".md").write_text(markdown({"dataset": args.dataset, "results": results}))
     return 0
 
