@@ -27,7 +27,11 @@ Variants (``clustering=<name>``): ``ahc`` (pyannote.audio's agglomerative cluste
 ``min_speakers``, ``max_speakers``) are honoured by every variant: a forced count gives exactly that
 many clusters whenever there are at least as many fitting embeddings; when a bound cannot be met
 (too few embeddings, or a cluster that no slot takes in the constrained assignment) a warning
-naming the file is logged.
+naming the file is logged (:mod:`diaropt.pipeline.cluster_counts`).
+
+Deliberate difference from pyannote.audio 4.0.7: its ``AgglomerativeClustering`` assigns slots by a
+plain argmax (two slots of one chunk may land in one cluster; the reconstruction then takes their max);
+every variant here uses the constrained assignment, as pyannote's ``VBxClustering`` does.
 Clusters are numbered by order of first appearance among the fitting slots (chunk-major,
 then slot), so ``SPEAKER_00`` is (normally) the first speaker heard.
 """
