@@ -10,6 +10,7 @@ from diaropt.pipeline.clustering import (
     UNASSIGNED,
     AgglomerativeClustering,
     OnlineEMAClustering,
+    VBxClustering,
     constrained_assignment,
     get_clustering,
     resolve_cluster_bounds,
@@ -46,6 +47,13 @@ def _random_truth(num_chunks: int, num_speakers: int, seed: int = 2) -> np.ndarr
         slots = rng.choice(3, size=present.size, replace=False)
         truth[c, slots] = present
     return truth
+
+
+def _options(name: str, **options) -> dict:
+    """``options`` without the ones variant ``name`` does not have (vbx has no min_cluster_size)."""
+    if name == "vbx":
+        options.pop("min_cluster_size", None)
+    return options
 
 
 def _assert_no_shared_cluster(hard: np.ndarray) -> None:
@@ -138,7 +146,7 @@ def test_skipped_and_silent_speakers_get_minus_two(name: str) -> None:
     # slot (2, 1) has a finite embedding but is silent in the segmentation
     seg = np.repeat((truth >= 0)[:, None, :], 20, axis=1).astype(np.float32)
     seg[2, :, 1] = 0.0
-    result = get_clustering(name, min_cluster_size=1)(emb, seg)
+    result = get_clustering(name, **_options(name, min_cluster_size=1))(emb, seg)
     hard = result.hard_clusters
     assert np.all(hard[truth < 0] == UNASSIGNED)
     assert hard[2, 1] == UNASSIGNED
@@ -252,7 +260,7 @@ def test_online_ema_absorbs_small_clusters() -> None:
 
 
 def test_get_clustering_registry() -> None:
-    assert set(CLUSTERING) == {"ahc", "online_ema"}
+    assert set(CLUSTERING) == {"ahc", "online_ema", "vbx"}
     ahc = get_clustering("ahc", threshold=0.5, min_cluster_size=3)
     assert isinstance(ahc, AgglomerativeClustering)
     assert (ahc.threshold, ahc.min_cluster_size) == (0.5, 3)
@@ -275,12 +283,110 @@ def test_output_contract_holds_on_random_inputs(
     emb = rng.normal(size=(num_chunks, 3, 8)).astype(np.float32)
     skipped = rng.random((num_chunks, 3)) < 0.3
     emb[skipped] = np.nan
-    result = get_clustering(name, min_cluster_size=2)(emb, num_speakers=num_speakers)
+    result = get_clustering(name, **_options(name, min_cluster_size=2))(emb, num_speakers=num_speakers)
     hard = result.hard_clusters
     assert hard.shape == (num_chunks, 3) and hard.dtype == np.int8
     assert np.all(hard[skipped] == UNASSIGNED)
     assert np.all((hard == UNASSIGNED) | ((hard >= 0) & (hard < result.num_clusters)))
     _assert_no_shared_cluster(hard)
     assert result.centroids.shape == (result.num_clusters, 8)
-    if num_speakers is not None and name == "ahc":
+    if num_speakers is not None:  # every method meets a forced count it can meet
         assert result.num_clusters == min(num_speakers, int((~skipped).sum()))
+
+
+# ------------------------------------------------------------------ speaker counts, min_cluster_size
+
+
+def _ten_speaker_embeddings(num_speakers: int = 10, noise: float = 0.35, seed: int = 3) -> np.ndarray:
+    """Speakers as random unit directions in 64 dims (cosine ~0 between them), noisy embeddings."""
+    rng = np.random.default_rng(seed)
+    speakers = rng.normal(size=(num_speakers, 64))
+    speakers /= np.linalg.norm(speakers, axis=1, keepdims=True)
+    truth = _random_truth(120, num_speakers, seed=seed)
+    emb = np.full(truth.shape + (64,), np.nan)
+    active = truth >= 0
+    emb[active] = speakers[truth[active]] + noise / 8 * rng.normal(size=(int(active.sum()), 64))
+    return emb
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTERING))
+@pytest.mark.parametrize("num_speakers", [2, 5, 7, 10])
+def test_forced_count_is_exact_for_every_method(name: str, num_speakers: int) -> None:
+    """num_speakers=N gives N clusters, all used, for N up to 10, whatever the threshold finds."""
+    emb = _ten_speaker_embeddings()
+    for threshold in (0.2, 0.9):  # over- and under-clustering thresholds
+        result = get_clustering(name, threshold=threshold)(emb, num_speakers=num_speakers)
+        hard = result.hard_clusters
+        assert result.num_clusters == num_speakers
+        assert np.unique(hard[hard >= 0]).size == num_speakers
+        _assert_no_shared_cluster(hard)
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTERING))
+def test_min_and_max_speakers_bound_every_method(name: str) -> None:
+    emb = _ten_speaker_embeddings()
+    low = get_clustering(name, threshold=1.5)(emb, min_speakers=6)  # threshold alone merges a lot
+    high = get_clustering(name, threshold=0.05)(emb, max_speakers=4)  # threshold alone splits a lot
+    assert low.num_clusters >= 6 and high.num_clusters <= 4
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTERING))
+def test_unmet_count_warns_naming_the_file(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    emb = _make_embeddings(np.array([[0, 1, -1], [1, 0, -1]]), _speakers(2))  # 4 usable embeddings
+    with caplog.at_level("WARNING", logger="diaropt.pipeline.clustering"):
+        result = get_clustering(name)(emb, num_speakers=6, uri="meeting_42")
+    assert result.num_clusters <= 4
+    assert any("meeting_42" in r.message and "num_speakers=6" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diaropt.pipeline.clustering"):
+        get_clustering(name)(emb, num_speakers=2, uri="meeting_42")
+    assert not caplog.records
+
+
+def test_count_defaults_from_the_constructor() -> None:
+    emb = _ten_speaker_embeddings()
+    for name in CLUSTERING:
+        assert get_clustering(name, num_speakers=3)(emb).num_clusters == 3
+        assert get_clustering(name, num_speakers=3)(emb, num_speakers=5).num_clusters == 5  # the call wins
+
+
+@pytest.mark.parametrize("name", ["ahc", "online_ema"])
+def test_min_cluster_size_changes_the_result(name: str) -> None:
+    """A speaker with few embeddings is its own cluster with min_cluster_size=1 and is absorbed with 12."""
+    rng = np.random.default_rng(0)
+    speakers = _speakers(3)
+    truth = _random_truth(40, 2)
+    truth[5, 2], truth[17, 2], truth[30, 2] = 2, 2, 2  # speaker 2: three embeddings only
+    emb = _make_embeddings(truth, speakers, seed=int(rng.integers(100)))
+    small = get_clustering(name, min_cluster_size=1)(emb)
+    large = get_clustering(name, min_cluster_size=12)(emb)
+    assert small.num_clusters == 3 and large.num_clusters == 2
+
+
+def test_vbx_merges_an_over_split_initialisation() -> None:
+    """AHC cut far too low splits each speaker; VBx's prior re-estimation drops the redundant clusters."""
+    truth = _random_truth(60, 3)
+    emb = _make_embeddings(truth, _speakers(3), noise=0.15)
+    ahc = get_clustering("ahc", threshold=0.4, min_cluster_size=1)(emb)
+    vbx = get_clustering("vbx", threshold=0.4, fa=1.0, fb=0.8)(emb)
+    assert ahc.num_clusters > 10
+    assert vbx.num_clusters == 3
+    _assert_matches_truth(vbx.hard_clusters, truth)
+
+
+def test_vbx_refine_keeps_a_clean_partition() -> None:
+    from diaropt.pipeline.clustering import vbx_refine
+
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(-3, 1, size=(30, 4)), rng.normal(3, 1, size=(30, 4))])
+    labels = np.repeat([0, 1], 30)
+    gamma, prior = vbx_refine(labels, features, np.full(4, 9.0), fa=1.0, fb=1.0)
+    assert gamma.shape == (60, 2) and np.allclose(gamma.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(np.argmax(gamma, axis=1), labels)
+    np.testing.assert_allclose(prior, [0.5, 0.5], atol=1e-6)
+
+
+def test_method_must_match_the_class() -> None:
+    with pytest.raises(ValueError, match="method"):
+        AgglomerativeClustering(method="online_ema")
+    assert isinstance(VBxClustering(method="vbx"), VBxClustering)

@@ -14,8 +14,13 @@ from diaropt.data import DataError, Dataset, DatasetItem, load_dataset
 from diaropt.data.datasets import (
     AMI_DEBUG_URIS,
     AMI_MINI_URIS,
+    AMI_SPLIT_URIS,
     DATASET_NAMES,
+)
+from diaropt.data.synthetic import (
+    SYNTHETIC_SPLIT_SPEAKERS,
     make_synthetic_conversation,
+    speech_regions,
     synthetic_file_seed,
     trim_silence,
 )
@@ -49,7 +54,8 @@ def _turns(annotation: Annotation) -> list[tuple[float, float, str]]:
 
 def test_load_dataset_rejects_unknown_name_and_options(tmp_path: Path) -> None:
     assert set(DATASET_NAMES) == {
-        "ami_mini", "ami_debug_all", "sample", "folder", "synthetic", "protocol"
+        "ami_mini", "ami_debug_all", "sample", "folder", "synthetic", "protocol",
+        "ami_dev", "ami_test", "synthetic_dev", "synthetic_test", "dev", "test",
     }  # fmt: skip
     with pytest.raises(ValueError, match="unknown dataset 'voxconverse'.*ami_mini"):
         load_dataset("voxconverse")
@@ -437,3 +443,81 @@ def test_synthetic_dataset_is_cached_by_parameters(speakers: Path, tmp_path: Pat
     assert set(changed.uris).isdisjoint(dataset.uris)
     assert changed.items[0].audio_path.parent != item.audio_path.parent
     assert not any(p.name.startswith(".") for p in (tmp_path / "cache").iterdir())  # no temp left
+
+
+# ------------------------------------------------------------------------------ dev / test splits
+
+
+def test_speech_regions_leave_out_pauses_and_bridge_closures() -> None:
+    silence = lambda s: np.zeros(round(s * SAMPLE_RATE_HZ))  # noqa: E731
+    # 0.3 s lead, 0.5 s tone, 0.1 s gap (a closure: bridged), 0.4 s tone, 0.6 s pause, 0.3 s tone, tail
+    parts = [silence(0.3), _tone(0.5), silence(0.1), _tone(0.4), silence(0.6), _tone(0.3), silence(0.2)]
+    regions = speech_regions(np.concatenate(parts), SAMPLE_RATE_HZ)
+    seconds = [(round(s / SAMPLE_RATE_HZ, 2), round(e / SAMPLE_RATE_HZ, 2)) for s, e in regions]
+    assert seconds == [(0.3, 1.3), (1.9, 2.2)]
+    assert trim_silence(np.concatenate(parts), SAMPLE_RATE_HZ) == (regions[0][0], regions[-1][1])
+
+
+def test_synthetic_reference_leaves_out_pauses(tmp_path: Path) -> None:
+    """An utterance with a 0.8 s pause inside is labelled as two regions, not one span."""
+    for name, frequency_hz in (("ann", 200.0), ("ben", 350.0)):
+        (tmp_path / name).mkdir()
+        pause = np.zeros(round(0.8 * SAMPLE_RATE_HZ))
+        sf.write(tmp_path / name / "u0.wav", np.concatenate([_tone(1.0, frequency_hz), pause, _tone(1.0, frequency_hz)]),
+                 SAMPLE_RATE_HZ)
+    waveform, reference = make_synthetic_conversation(tmp_path, 30.0, 2, 0.0, seed=0)
+    durations = sorted({round(segment.duration, 2) for segment, _ in reference.itertracks()})
+    assert durations == [1.0]  # every labelled region is one tone, never tone + pause + tone
+    # gains spread over 10 dB: the two voices' RMS differ by ~10 dB (± the 1 dB utterance jitter)
+    levels = {}
+    for label in reference.labels():
+        segment = next(iter(reference.label_timeline(label)))
+        piece = waveform[round(segment.start * SAMPLE_RATE_HZ) + 160: round(segment.end * SAMPLE_RATE_HZ) - 160]
+        levels[label] = 20 * np.log10(np.sqrt(np.mean(piece.astype(np.float64) ** 2)))
+    assert abs(abs(levels["ann"] - levels["ben"]) - 10.0) <= 2.0 + 1e-6
+
+
+def _fake_librispeech(root: Path) -> Path:
+    """One folder per split reader with two tone utterances each (different pitch per reader)."""
+    readers = [name for names in SYNTHETIC_SPLIT_SPEAKERS.values() for name in names]
+    for index, name in enumerate(readers):
+        (root / name).mkdir(parents=True)
+        for u in range(2):
+            sf.write(root / name / f"{name}-{u}.flac", _tone(4.0 + u, 120.0 + 40.0 * index), SAMPLE_RATE_HZ)
+    return root
+
+
+def test_synthetic_splits_use_disjoint_readers_and_are_cached(tmp_path: Path) -> None:
+    source = _fake_librispeech(tmp_path / "libri")
+    cache = tmp_path / "cache"
+    dev = load_dataset("synthetic_dev", source_dir=source, cache_dir=cache)
+    test = load_dataset("synthetic_test", source_dir=source, cache_dir=cache)
+    assert dev.name == "synthetic_dev" and len(dev) == len(test) == 8
+    dev_voices = {label for item in dev for label in item.reference.labels()}
+    test_voices = {label for item in test for label in item.reference.labels()}
+    assert dev_voices == set(SYNTHETIC_SPLIT_SPEAKERS["dev"]) and not dev_voices & test_voices
+    for item in (*dev, *test):
+        duration_s = item.uem.extent().duration
+        assert 120.0 <= duration_s <= 300.0
+        assert len(item.reference.labels()) == int(item.uri.split("_")[1][0]) in (2, 3, 4, 5)
+        speech = item.reference.get_timeline().support().duration()
+        assert 0.03 <= item.reference.get_overlap().duration() / speech <= 0.2
+    # written once: a second load reuses the files (same paths, untouched)
+    mtimes = [item.audio_path.stat().st_mtime_ns for item in dev]
+    again = load_dataset("synthetic_dev", source_dir=source, cache_dir=cache)
+    assert [item.audio_path.stat().st_mtime_ns for item in again] == mtimes
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    with pytest.raises(DataError, match="not found"):
+        load_dataset("synthetic_dev", source_dir=tmp_path / "missing", cache_dir=cache)
+
+
+def test_ami_split_shares_no_speaker() -> None:
+    assert set(AMI_SPLIT_URIS["dev"]).isdisjoint(AMI_SPLIT_URIS["test"])
+    assert set(AMI_SPLIT_URIS["dev"]) | set(AMI_SPLIT_URIS["test"]) == {*AMI_MINI_URIS, "sample"}
+    try:
+        dev, test = load_dataset("ami_dev"), load_dataset("ami_test")
+    except Exception as error:  # the pinned AMI asset may not be fetchable here
+        pytest.skip(f"AMI asset unavailable: {error}")
+    dev_speakers = {label for item in dev for label in item.reference.labels()}
+    test_speakers = {label for item in test for label in item.reference.labels()}
+    assert dev_speakers and test_speakers and not dev_speakers & test_speakers

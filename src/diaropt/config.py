@@ -72,6 +72,7 @@ class EmbeddingName(str, Enum):
 
 class ClusteringMethod(str, Enum):
     ahc = "ahc"
+    vbx = "vbx"
     online_ema = "online_ema"
 
 
@@ -147,11 +148,18 @@ class EmbeddingConfig:
 
 @dataclass
 class ClusteringConfig:
-    method: ClusteringMethod = ClusteringMethod.online_ema
+    # the variant's class (diaropt.pipeline.clustering); every key below that is not null is passed to it
+    # (hydra.utils.instantiate): a key the variant does not have is an error, never silently dropped
+    _target_: str = "diaropt.pipeline.clustering.VBxClustering"
+    method: ClusteringMethod = ClusteringMethod.vbx
     threshold: float = 0.6
-    min_cluster_size: int = 12
+    min_cluster_size: Optional[int] = None  # ahc, online_ema
     min_active_ratio: float = 0.2
-    ema_alpha: float = 0.1
+    ema_alpha: Optional[float] = None  # online_ema
+    fa: Optional[float] = None  # vbx
+    fb: Optional[float] = None  # vbx
+    max_iters: Optional[int] = None  # vbx
+    phi: Optional[float] = None  # vbx: between-class variance of the cosine PLDA stand-in
     num_speakers: Optional[int] = None
     min_speakers: Optional[int] = None
     max_speakers: Optional[int] = None
@@ -159,6 +167,9 @@ class ClusteringConfig:
 
 @dataclass
 class DatasetConfig:
+    # the loader (diaropt.data.datasets / .synthetic); every key below that is not null is passed to it
+    # (hydra.utils.instantiate), except name / max_files / max_duration_s, which the runner applies
+    _target_: str = "diaropt.data.datasets.load_ami_mini"
     name: str = "ami_mini"
     max_files: Optional[int] = None
     max_duration_s: Optional[float] = None  # crop every file (and its reference) to its first N s
@@ -166,16 +177,18 @@ class DatasetConfig:
     audio_dir: Optional[str] = None
     rttm_dir: Optional[str] = None
     uem_dir: Optional[str] = None
-    # synthetic
+    # synthetic, synthetic_dev/test, dev/test
     source_dir: Optional[str] = None
-    num_files: int = 2
-    duration_s: float = 120.0
-    num_speakers: int = 3
-    overlap_ratio: float = 0.1
-    seed: int = 0
+    split: Optional[str] = None
+    cache_dir: Optional[str] = None  # null: <paths.cache_dir or the user cache>/datasets
+    num_files: Optional[int] = None
+    duration_s: Optional[float] = None
+    num_speakers: Optional[int] = None
+    overlap_ratio: Optional[float] = None
+    seed: Optional[int] = None
     # pyannote.database
     protocol: Optional[str] = None
-    subset: str = "test"
+    subset: Optional[str] = None
 
 
 @dataclass
@@ -257,7 +270,8 @@ def validate(cfg: DictConfig) -> None:
         ("embedding.anchor_every", cfg.embedding.anchor_every >= 1, "must be >= 1"),
         ("frame_extraction.batch_size", cfg.frame_extraction.batch_size >= 1, "must be >= 1"),
         ("clustering.threshold", cfg.clustering.threshold > 0, "must be > 0"),
-        ("clustering.ema_alpha", 0 < cfg.clustering.ema_alpha <= 1, "must be in (0, 1]"),
+        ("clustering.ema_alpha", cfg.clustering.ema_alpha is None or 0 < cfg.clustering.ema_alpha <= 1,
+         "must be in (0, 1]"),
         ("clustering.min_active_ratio", 0 <= cfg.clustering.min_active_ratio <= 1, "must be in [0, 1]"),
         ("repeats", cfg.repeats >= 1, "must be >= 1"),
         ("parity.cosine_floor", -1 <= cfg.parity.cosine_floor <= 1, "must be in [-1, 1]"),

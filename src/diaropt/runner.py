@@ -14,41 +14,53 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pyannote.core import Segment, Timeline
 from tqdm.auto import tqdm
 
-from diaropt.data.annotations import write_rttm
+from diaropt.data.annotations import DataError, write_rttm
 from diaropt.data.datasets import Dataset, DatasetItem, load_dataset
 from diaropt.metrics import DiarizationScorer
 from diaropt.pipeline.audio import SAMPLE_RATE_HZ, load_audio
 from diaropt.pipeline.cache import ArrayCache
-from diaropt.pipeline.clustering import get_clustering
+from diaropt.pipeline.clustering import BaseClustering
 from diaropt.pipeline.diarization import DiarizationOutput, DiarizationPipeline, PipelineParams
 from diaropt.pipeline.timing import STAGES, StageTimer
-from diaropt.variants.build import BuiltModels, _value
+from diaropt.variants.build import BuiltModels
 
 log = logging.getLogger(__name__)
 
 
-def dataset_from_config(cfg: DictConfig, cache_dir: Path | None = None) -> Dataset:
-    """The configured dataset (``dataset.name`` plus its options)."""
-    from diaropt.assets import default_cache_dir
+#: dataset keys the runner applies itself; every other non-null key goes to the loader (``_target_``)
+DATASET_RUNNER_KEYS = ("name", "max_files", "max_duration_s")
 
-    d = cfg.dataset
-    if d.name == "folder":
-        options = dict(audio_dir=d.audio_dir, rttm_dir=d.rttm_dir, uem_dir=d.uem_dir)
-    elif d.name == "synthetic":
-        cache = Path(cache_dir or cfg.paths.cache_dir or default_cache_dir()) / "datasets"
-        options = dict(source_dir=d.source_dir, num_files=d.num_files, duration_s=d.duration_s,
-                       num_speakers=d.num_speakers, overlap_ratio=d.overlap_ratio, seed=d.seed, cache_dir=cache)
-    elif d.name == "protocol":
-        options = dict(protocol=d.protocol, subset=d.subset)
-    else:
-        options = {}
-    dataset = load_dataset(d.name, **options)
-    if d.max_files is not None:
-        dataset = Dataset(dataset.name, tuple(dataset.items)[: d.max_files])
+
+def dataset_from_config(cfg: DictConfig, cache_dir: Path | None = None) -> Dataset:
+    """The configured dataset: ``hydra.utils.instantiate`` of ``cfg.dataset``'s ``_target_`` (a loader of
+    :mod:`diaropt.data.datasets` / :mod:`diaropt.data.synthetic`) with every non-null key but
+    :data:`DATASET_RUNNER_KEYS`, so a key the loader does not take is an error, never silently dropped.
+    A loader that writes files gets ``cache_dir`` = ``<cache_dir or paths.cache_dir or user cache>/datasets``
+    unless ``dataset.cache_dir`` is set; ``max_files`` keeps the first files."""
+    import inspect
+
+    from hydra.utils import get_method, instantiate
+
+    node = OmegaConf.to_container(cfg.dataset, resolve=True)
+    options = {k: v for k, v in node.items() if k not in DATASET_RUNNER_KEYS and v is not None}
+    target = options.get("_target_")
+    if not target:
+        raise ValueError(f"dataset {node.get('name')!r}: no _target_ (the loader) in its config")
+    if "cache_dir" not in options and "cache_dir" in inspect.signature(get_method(target)).parameters:
+        options["cache_dir"] = str(Path(cache_dir or _cache_root(cfg)) / "datasets")
+    try:
+        dataset = instantiate(options, _convert_="all")
+    except Exception as error:  # hydra wraps the loader's errors: name the dataset and keep the cause
+        cause = error.__cause__ or error
+        if isinstance(cause, DataError):
+            raise cause
+        raise type(cause)(f"dataset {node.get('name')!r} ({target}): {cause}") from error
+    if d_max := node.get("max_files"):
+        dataset = Dataset(dataset.name, tuple(dataset.items)[:d_max])
     return dataset
 
 
@@ -67,24 +79,40 @@ def dataset_sha256(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-def clustering_from_config(cfg: DictConfig):
-    c = cfg.clustering
-    method = _value(c.method)
-    if method == "ahc":
-        return get_clustering("ahc", threshold=c.threshold, min_cluster_size=c.min_cluster_size,
-                              min_active_ratio=c.min_active_ratio)
-    return get_clustering("online_ema", threshold=c.threshold, ema_alpha=c.ema_alpha,
-                          min_active_ratio=c.min_active_ratio)
+def clustering_from_config(cfg: DictConfig) -> BaseClustering:
+    """``hydra.utils.instantiate`` of ``cfg.clustering``'s ``_target_`` with every non-null key (speaker
+    counts included: they become the variant's defaults), so a key the variant does not have is a
+    TypeError naming it instead of a logged-but-unused value."""
+    from hydra.utils import instantiate
+
+    node = OmegaConf.to_container(cfg.clustering, resolve=True, enum_to_str=True)
+    try:
+        return instantiate({k: v for k, v in node.items() if v is not None}, _convert_="all")
+    except Exception as error:  # hydra wraps the constructor's error: keep its message and type
+        cause = error.__cause__ or error
+        raise type(cause)(f"clustering {node.get('method')!r} ({node.get('_target_')}): {cause}") from error
+
+
+#: PipelineParams field -> config key it is read from (every field has one; tests check both ways)
+PIPELINE_PARAM_KEYS = {
+    "step_s": "segmentation.step_s", "segmentation_batch_size": "segmentation.batch_size",
+    "embedding_batch_size": "embedding.batch_size", "min_num_clean_frames": "embedding.min_num_clean_frames",
+    "min_active_frames": None, "anchor_every": "embedding.anchor_every",
+    "num_speakers": "clustering.num_speakers", "min_speakers": "clustering.min_speakers",
+    "max_speakers": "clustering.max_speakers", "min_duration_on_s": "postprocess.min_duration_on_s",
+    "min_duration_off_s": "postprocess.min_duration_off_s",
+}
 
 
 def params_from_config(cfg: DictConfig) -> PipelineParams:
-    return PipelineParams(
-        step_s=cfg.segmentation.step_s, segmentation_batch_size=cfg.segmentation.batch_size,
-        embedding_batch_size=cfg.embedding.batch_size, min_num_clean_frames=cfg.embedding.min_num_clean_frames,
-        anchor_every=cfg.embedding.anchor_every,
-        num_speakers=cfg.clustering.num_speakers, min_speakers=cfg.clustering.min_speakers,
-        max_speakers=cfg.clustering.max_speakers, min_duration_on_s=cfg.postprocess.min_duration_on_s,
-        min_duration_off_s=cfg.postprocess.min_duration_off_s)
+    """``PipelineParams`` instantiated from the config keys of :data:`PIPELINE_PARAM_KEYS` (``None``: the
+    field is not configurable and keeps its default)."""
+    from hydra.utils import instantiate
+
+    node = {"_target_": f"{PipelineParams.__module__}.{PipelineParams.__qualname__}"}
+    node.update({name: OmegaConf.select(cfg, key, throw_on_missing=True)
+                 for name, key in PIPELINE_PARAM_KEYS.items() if key is not None})
+    return instantiate(node)
 
 
 class ChunkProgress:

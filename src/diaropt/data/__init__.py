@@ -15,8 +15,8 @@ from diaropt.data.datasets import (
     Dataset,
     DatasetItem,
     load_dataset,
-    make_synthetic_conversation,
 )
+from diaropt.data.synthetic import make_synthetic_conversation
 
 __all__ = [
     "DATASET_NAMES",

@@ -30,9 +30,19 @@ Use :func:`load_dataset` with one of the names of :data:`DATASET_NAMES`:
     The uri of an audio file is its stem. Every audio file needs a reference and every reference
     uri needs an audio file.
 
-``synthetic``
-    Conversations built by :func:`make_synthetic_conversation` from folders of single-speaker
-    utterances, written once to ``cache_dir`` (keyed by the parameters) and read back.
+``synthetic``, ``synthetic_dev``, ``synthetic_test``
+    Conversations built by :func:`diaropt.data.synthetic.make_synthetic_conversation` from
+    folders of single-speaker utterances, written once to ``cache_dir`` and read back; the split
+    sets use disjoint LibriSpeech readers (see :mod:`diaropt.data.synthetic`).
+
+``ami_dev``, ``ami_test`` (:func:`load_ami_split`)
+    ``ami_mini`` split so that no speaker is in both: clips that share a speaker come from one
+    meeting series and stay together (:data:`AMI_SPLIT_URIS`). dev: ``dev00 dev01 trn04 trn06
+    trn09`` (7 speakers); test: ``tst00 trn03 trn05 trn07 trn08 sample`` (15 + 2 speakers).
+
+``dev``, ``test`` (:func:`load_split`)
+    The tuning set (``ami_dev`` + ``synthetic_dev``) and the evaluation set (``ami_test`` +
+    ``synthetic_test``). Choose thresholds and defaults on ``dev`` only; report ``test``.
 
 ``protocol``
     A ``pyannote.database`` protocol subset (needs ``pip install pyannote.database``).
@@ -43,13 +53,8 @@ unless ``ami_dir`` / ``sample_dir`` point at a directory with the same layout.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import inspect
-import json
-import os
-import shutil
-import tempfile
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +75,9 @@ __all__ = [
     "check_uri",
     "list_audio_files",
     "load_dataset",
-    "make_synthetic_conversation",
-    "synthetic_file_seed",
-    "trim_silence",
+    "AMI_SPLIT_URIS",
+    "load_ami_split",
+    "load_split",
 ]
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -86,6 +91,12 @@ AMI_DEBUG_URIS = (
     "trn00", "trn01", "trn02", "trn03", "trn04", "trn05", "trn06", "trn07", "trn08", "trn09",
 )  # fmt: skip
 SAMPLE_URI = "sample"
+#: ``ami_mini`` split by speaker: clips sharing a speaker (dev00/dev01: MEE009 MEE012; trn06/trn09:
+#: FEE083; trn07/trn08: the same four) stay on one side; no speaker is on both sides.
+AMI_SPLIT_URIS: dict[str, tuple[str, ...]] = {
+    "dev": ("dev00", "dev01", "trn04", "trn06", "trn09"),
+    "test": ("tst00", "trn03", "trn05", "trn07", "trn08", SAMPLE_URI),
+}
 
 
 def check_uri(uri: str, source: str | Path) -> str:
@@ -267,6 +278,28 @@ def load_sample(sample_dir: str | Path | None = None) -> Dataset:
     return Dataset("sample", [_sample_item(sample)])
 
 
+def load_ami_split(split: str, ami_dir: str | Path | None = None, sample_dir: str | Path | None = None) -> Dataset:
+    """``ami_dev`` / ``ami_test``: the ``ami_mini`` files of one side of :data:`AMI_SPLIT_URIS`."""
+    if split not in AMI_SPLIT_URIS:
+        raise ValueError(f"split must be one of {sorted(AMI_SPLIT_URIS)}, got {split!r}")
+    uris = [uri for uri in AMI_SPLIT_URIS[split] if uri != SAMPLE_URI]
+    ami = Path(ami_dir) if ami_dir is not None else _asset_dir("ami")
+    items = _ami_items(uris, ami)
+    if SAMPLE_URI in AMI_SPLIT_URIS[split]:
+        items.append(_sample_item(Path(sample_dir) if sample_dir is not None else _asset_dir("sample")))
+    return Dataset(f"ami_{split}", items)
+
+
+def load_split(split: str, source_dir: str | Path, cache_dir: str | Path | None = None, seed: int = 0,
+               ami_dir: str | Path | None = None, sample_dir: str | Path | None = None) -> Dataset:
+    """``dev`` / ``test``: ``ami_{split}`` followed by ``synthetic_{split}`` (same arguments as theirs)."""
+    from diaropt.data.synthetic import load_synthetic_split
+
+    ami = load_ami_split(split, ami_dir, sample_dir)
+    synthetic = load_synthetic_split(split, source_dir, cache_dir, seed)
+    return Dataset(split, (*ami.items, *synthetic.items))
+
+
 def load_folder_dataset(
     audio_dir: str | Path,
     rttm_dir: str | Path,
@@ -385,315 +418,33 @@ def load_protocol_dataset(
 
 
 # ---------------------------------------------------------------------------------------------
-# synthetic conversations
-
-_SYNTHETIC_VERSION = 1  # bump when the generator changes: it invalidates the caches
-_FRAME_S = 0.01  # energy frame for trimming
-_FADE_S = 0.005  # raised-cosine fade at trimmed edges (no clicks)
-_TARGET_LEVEL_DBFS = -26.0  # RMS of the speech span of each utterance, before jitter
-_LEVEL_JITTER_DB = 3.0
-_PEAK_MAX = 0.95
-_FIRST_ONSET_S = (0.2, 1.0)  # leading silence of the conversation
-_GAP_S = (0.1, 1.0)  # silence between turns that do not overlap
-_MIN_OVERLAP_S = 0.2  # overlaps shorter than this are not made (they would be inaudible)
-_MAX_OVERLAP_S = 3.0
-_MIN_SOLO_S = 0.2  # each turn outlasts the previous one by at least this
-
-
-def trim_silence(
-    waveform: np.ndarray, sample_rate_hz: int, *, threshold_db: float = -35.0
-) -> tuple[int, int]:
-    """Span of speech in an utterance, by frame energy.
-
-    Args:
-        waveform: (num_samples,) float mono signal.
-        sample_rate_hz: sampling rate.
-        threshold_db: a 10 ms frame is speech if its RMS is within this many dB of the loudest
-            frame (and above -80 dBFS).
-
-    Returns:
-        (start_sample, end_sample): from the first speech frame's start to the last one's end.
-
-    Raises:
-        DataError: no frame is speech (silent utterance).
-    """
-    frame_length = max(1, round(_FRAME_S * sample_rate_hz))
-    num_frames = -(-len(waveform) // frame_length)
-    padded = np.zeros(num_frames * frame_length, dtype=np.float64)
-    padded[: len(waveform)] = waveform
-    rms = np.sqrt(np.mean(padded.reshape(num_frames, frame_length) ** 2, axis=1))
-    loudest = rms.max(initial=0.0)
-    threshold = max(loudest * 10.0 ** (threshold_db / 20.0), 1e-4)
-    active = np.flatnonzero(rms > threshold)
-    if active.size == 0:
-        raise DataError("utterance is silent (no frame above the energy threshold)")
-    return int(active[0] * frame_length), int(min(len(waveform), (active[-1] + 1) * frame_length))
-
-
-def _resolve_speaker_dirs(speaker_dirs: Sequence[str | Path] | str | Path) -> list[Path]:
-    if isinstance(speaker_dirs, (str, Path)):
-        source_dir = Path(speaker_dirs)
-        if not source_dir.is_dir():
-            raise DataError(f"{source_dir}: speaker source directory not found")
-        dirs = sorted(d for d in source_dir.iterdir() if d.is_dir() and list_audio_files(d))
-        if not dirs:
-            raise DataError(f"{source_dir}: no speaker sub-directory with audio files")
-        return dirs
-    dirs = [Path(d) for d in speaker_dirs]
-    for directory in dirs:
-        if not list_audio_files(directory):
-            raise DataError(f"{directory}: speaker directory has no audio file")
-    names = [d.name for d in dirs]
-    if len(set(names)) != len(names):
-        raise DataError(f"speaker directories must have distinct names (labels): {names}")
-    return dirs
-
-
-def _load_utterance(path: Path, sample_rate_hz: int, rng: np.random.Generator) -> np.ndarray:
-    """Read, downmix, resample, trim, fade and level-normalize one utterance: (num_samples,)."""
-    try:
-        waveform, file_rate_hz = sf.read(path, dtype="float64", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError) as error:
-        raise DataError(f"{path}: cannot read audio ({error})") from error
-    waveform = waveform.mean(axis=1)
-    if file_rate_hz != sample_rate_hz:
-        import soxr
-
-        waveform = soxr.resample(waveform, file_rate_hz, sample_rate_hz)
-    try:
-        start, end = trim_silence(waveform, sample_rate_hz)
-    except DataError as error:
-        raise DataError(f"{path}: {error}") from None
-    speech = waveform[start:end].copy()
-    num_fade = min(round(_FADE_S * sample_rate_hz), len(speech) // 2)
-    if num_fade > 0:
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(num_fade) + 0.5) / num_fade)
-        speech[:num_fade] *= ramp
-        speech[-num_fade:] *= ramp[::-1]
-    level_dbfs = _TARGET_LEVEL_DBFS + rng.uniform(-_LEVEL_JITTER_DB, _LEVEL_JITTER_DB)
-    rms = np.sqrt(np.mean(speech**2))
-    return speech * (10.0 ** (level_dbfs / 20.0) / rms)
-
-
-def make_synthetic_conversation(
-    speaker_dirs: Sequence[str | Path] | str | Path,
-    duration_s: float,
-    num_speakers: int,
-    overlap_ratio: float,
-    seed: int,
-    sample_rate_hz: int = 16000,
-) -> tuple[np.ndarray, Annotation]:
-    """Build a conversation with an exact reference from single-speaker utterances.
-
-    Turns alternate between speakers (never the same speaker twice in a row; speakers who have
-    spoken less are favoured). A turn either follows the previous one after a silence (uniform
-    0.1-1.0 s) or starts before it ends, overlapping its solo tail (0.2-3 s). Overlaps are
-    scheduled by feedback so that overlapped speech / total speech tracks ``overlap_ratio``;
-    at most two speakers talk at once. Each utterance is trimmed to its speech span (10 ms
-    frames within 35 dB of its loudest frame), faded over 5 ms and set to -26 ± 3 dBFS RMS;
-    only that span is placed, so the reference is the placed span to the sample. Pauses inside
-    an utterance stay labelled as speech, as in human references. The conversation may end
-    with silence when no remaining utterance fits.
-
-    Args:
-        speaker_dirs: one directory per speaker (label = directory name), or a source
-            directory whose sub-directories are speakers, each with wav/flac/ogg utterances.
-        duration_s: length of the conversation.
-        num_speakers: speakers drawn (without replacement, by ``seed``) from the available ones.
-        overlap_ratio: target overlapped / total speech duration, in [0, 0.45].
-        seed: random seed; same inputs and seed give an identical waveform.
-        sample_rate_hz: output sampling rate (utterances are resampled with soxr if needed).
-
-    Returns:
-        waveform: (round(duration_s * sample_rate_hz),) float32, peak <= 0.95, silence is 0.
-        reference: Annotation (uri None) of speaker turns, in seconds.
-    """
-    if duration_s <= 0:
-        raise ValueError(f"duration_s must be positive, got {duration_s}")
-    if not 0.0 <= overlap_ratio <= 0.45:
-        raise ValueError(f"overlap_ratio must be in [0, 0.45], got {overlap_ratio}")
-    if num_speakers < 1:
-        raise ValueError(f"num_speakers must be >= 1, got {num_speakers}")
-    if num_speakers == 1 and overlap_ratio > 0:
-        raise ValueError("one speaker cannot overlap with itself: use overlap_ratio=0")
-    available = _resolve_speaker_dirs(speaker_dirs)
-    if num_speakers > len(available):
-        raise DataError(
-            f"num_speakers={num_speakers} but only {len(available)} speaker directories: "
-            f"{[str(d) for d in available]}"
-        )
-    rng = np.random.default_rng(seed)
-    chosen = [available[i] for i in rng.choice(len(available), size=num_speakers, replace=False)]
-    queues: dict[str, deque[Path]] = {}
-    for directory in chosen:
-        files = list_audio_files(directory)
-        queues[directory.name] = deque(files[i] for i in rng.permutation(len(files)))
-    cache: dict[Path, np.ndarray] = {}
-
-    def utterance(path: Path) -> np.ndarray:
-        if path not in cache:
-            cache[path] = _load_utterance(path, sample_rate_hz, rng)
-        return cache[path]
-
-    num_samples = round(duration_s * sample_rate_hz)
-    min_overlap = round(_MIN_OVERLAP_S * sample_rate_hz)
-    max_overlap = round(_MAX_OVERLAP_S * sample_rate_hz)
-    min_solo = round(_MIN_SOLO_S * sample_rate_hz)
-    spoken = {name: 0 for name in queues}
-    placements: list[tuple[str, int, np.ndarray]] = []
-    speech = overlap = 0  # samples with >= 1 speaker / with 2 speakers
-    previous_end = previous_tail = 0
-    previous_speaker: str | None = None
-    while True:
-        candidates = [name for name in queues if name != previous_speaker] or list(queues)
-        weights = np.array([1.0 / (1.0 + spoken[name] / sample_rate_hz) for name in candidates])
-        permutation = rng.choice(
-            len(candidates), len(candidates), replace=False, p=weights / weights.sum()
-        )
-        order = [candidates[i] for i in permutation]
-        placed = False
-        for speaker in order:
-            for _ in range(len(queues[speaker])):
-                path = queues[speaker][0]
-                queues[speaker].rotate(-1)
-                samples = utterance(path)
-                length = len(samples)
-                if previous_speaker is None:
-                    start, overlap_length = round(rng.uniform(*_FIRST_ONSET_S) * sample_rate_hz), 0
-                else:
-                    # overlap o such that (overlap + o) / (speech + length - o) == overlap_ratio
-                    wanted = (overlap_ratio * (speech + length) - overlap) / (1.0 + overlap_ratio)
-                    limit = min(previous_tail, length - min_solo, max_overlap)
-                    if wanted >= min_overlap and limit >= min_overlap:
-                        jittered = wanted * rng.uniform(0.8, 1.25)
-                        overlap_length = int(np.clip(round(jittered), min_overlap, limit))
-                        start = previous_end - overlap_length
-                    else:
-                        overlap_length = 0
-                        start = previous_end + round(rng.uniform(*_GAP_S) * sample_rate_hz)
-                if start + length > num_samples:
-                    continue
-                placements.append((speaker, start, samples))
-                speech += length - overlap_length
-                overlap += overlap_length
-                spoken[speaker] += length
-                previous_end, previous_tail = start + length, length - overlap_length
-                previous_speaker = speaker
-                placed = True
-                break
-            if placed:
-                break
-        if not placed:
-            break
-    if not placements:
-        raise DataError(
-            f"no utterance of {[str(d) for d in chosen]} fits in {duration_s} s: "
-            "use a longer duration_s or shorter utterances"
-        )
-
-    mixture = np.zeros(num_samples, dtype=np.float64)
-    reference = Annotation()
-    for speaker, start, samples in placements:
-        mixture[start : start + len(samples)] += samples
-        end = start + len(samples)
-        reference[Segment(start / sample_rate_hz, end / sample_rate_hz)] = speaker
-    peak = np.abs(mixture).max()
-    if peak > _PEAK_MAX:
-        mixture *= _PEAK_MAX / peak
-    return mixture.astype(np.float32), reference
-
-
-def synthetic_file_seed(seed: int, index: int) -> int:
-    """Seed of file ``index`` of a synthetic dataset: independent streams per file."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
-def _synthetic_cache_key(parameters: dict, speaker_dirs: list[Path]) -> str:
-    sources = [
-        [d.name, [[p.name, p.stat().st_size] for p in list_audio_files(d)]] for d in speaker_dirs
-    ]
-    payload = json.dumps(
-        {"version": _SYNTHETIC_VERSION, "parameters": parameters, "sources": sources},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def load_synthetic_dataset(
-    source_dir: Sequence[str | Path] | str | Path,
-    num_files: int,
-    duration_s: float,
-    num_speakers: int,
-    overlap_ratio: float,
-    seed: int,
-    cache_dir: str | Path,
-    sample_rate_hz: int = 16000,
-) -> Dataset:
-    """``synthetic``: ``num_files`` conversations cached as wav (PCM 16) + rttm in ``cache_dir``.
-
-    Files go to ``cache_dir/synthetic_{key}/`` where ``key`` hashes the parameters, the generator
-    version and the source file names and sizes; an existing directory is reused as is. File
-    ``i`` uses the seed :func:`synthetic_file_seed` ``(seed, i)``; its uri is ``synthetic_{key}_{i:03d}`` and
-    its UEM is ``[0, duration_s]``.
-    """
-    if num_files < 1:
-        raise ValueError(f"num_files must be >= 1, got {num_files}")
-    speaker_dirs = _resolve_speaker_dirs(source_dir)
-    parameters = {
-        "num_files": num_files,
-        "duration_s": float(duration_s),
-        "num_speakers": num_speakers,
-        "overlap_ratio": float(overlap_ratio),
-        "seed": seed,
-        "sample_rate_hz": sample_rate_hz,
-    }
-    key = _synthetic_cache_key(parameters, speaker_dirs)
-    cache_dir = Path(cache_dir)
-    out_dir = cache_dir / f"synthetic_{key}"
-    uris = [f"synthetic_{key}_{index:03d}" for index in range(num_files)]
-    if not out_dir.is_dir():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".synthetic_{key}.", dir=cache_dir))
-        try:
-            for index, uri in enumerate(uris):
-                file_seed = synthetic_file_seed(seed, index)
-                waveform, reference = make_synthetic_conversation(
-                    speaker_dirs, duration_s, num_speakers, overlap_ratio, file_seed, sample_rate_hz
-                )
-                sf.write(tmp_dir / f"{uri}.wav", waveform, sample_rate_hz, subtype="PCM_16")
-                write_rttm(reference, tmp_dir / f"{uri}.rttm", uri=uri)
-            (tmp_dir / "parameters.json").write_text(
-                json.dumps({**parameters, "version": _SYNTHETIC_VERSION,
-                            "speaker_dirs": [str(d) for d in speaker_dirs]}, indent=2)
-            )  # fmt: skip
-            try:
-                os.rename(tmp_dir, out_dir)
-            except OSError:  # another process finished first: keep its files
-                if not out_dir.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    items = []
-    for uri in uris:
-        rttm_path = out_dir / f"{uri}.rttm"
-        reference = get_reference(load_rttm(rttm_path), uri, source=rttm_path)
-        uem = Timeline([Segment(0.0, float(duration_s))], uri=uri)
-        items.append(DatasetItem(uri, out_dir / f"{uri}.wav", reference, uem))
-    return Dataset("synthetic", items)
-
-
-# ---------------------------------------------------------------------------------------------
 # registry
 
-_LOADERS: dict[str, Callable[..., Dataset]] = {
-    "ami_mini": load_ami_mini,
-    "ami_debug_all": load_ami_debug_all,
-    "sample": load_sample,
-    "folder": load_folder_dataset,
-    "synthetic": load_synthetic_dataset,
-    "protocol": load_protocol_dataset,
-}
-DATASET_NAMES = tuple(_LOADERS)
+def _synthetic(name: str) -> Callable[..., Dataset]:
+    from diaropt.data import synthetic  # imports this module: loaded on first use
+
+    return getattr(synthetic, name)
+
+
+def _loaders() -> dict[str, Callable[..., Dataset]]:
+    return {
+        "ami_mini": load_ami_mini,
+        "ami_debug_all": load_ami_debug_all,
+        "sample": load_sample,
+        "folder": load_folder_dataset,
+        "synthetic": _synthetic("load_synthetic_dataset"),
+        "protocol": load_protocol_dataset,
+        "ami_dev": functools.partial(load_ami_split, "dev"),
+        "ami_test": functools.partial(load_ami_split, "test"),
+        "synthetic_dev": functools.partial(_synthetic("load_synthetic_split"), "dev"),
+        "synthetic_test": functools.partial(_synthetic("load_synthetic_split"), "test"),
+        "dev": functools.partial(load_split, "dev"),
+        "test": functools.partial(load_split, "test"),
+    }
+
+
+DATASET_NAMES = ("ami_mini", "ami_debug_all", "sample", "folder", "synthetic", "protocol",
+                 "ami_dev", "ami_test", "synthetic_dev", "synthetic_test", "dev", "test")
 
 
 def load_dataset(name: str, **options) -> Dataset:
@@ -704,7 +455,7 @@ def load_dataset(name: str, **options) -> Dataset:
         TypeError: missing or unknown option for that dataset.
     """
     try:
-        loader = _LOADERS[name]
+        loader = _loaders()[name]
     except KeyError:
         raise ValueError(
             f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}"

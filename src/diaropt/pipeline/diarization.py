@@ -196,7 +196,7 @@ class DiarizationPipeline:
             # embedding_with_post: the model's L2-normalized embeddings (clustering normalizes anyway)
             result = self.clustering(embedded.get("unit_embeddings", embeddings), segmentations,
                                      num_speakers=params.num_speakers, min_speakers=params.min_speakers,
-                                     max_speakers=params.max_speakers)
+                                     max_speakers=params.max_speakers, uri=uri)
             hard_clusters = result.hard_clusters if links is None else linking.propagate_clusters(
                 result.hard_clusters, links)
 
