@@ -37,7 +37,8 @@ def dataset_from_config(cfg: DictConfig, cache_dir: Path | None = None) -> Datas
 
     d = cfg.dataset
     if d.name == "folder":
-        options = dict(audio_dir=d.audio_dir, rttm_dir=d.rttm_dir, uem_dir=d.uem_dir)
+        options = dict(audio_dir=d.audio_dir, rttm_dir=d.rttm_dir, uem_dir=d.uem_dir,
+                       allow_empty_references=bool(d.get("allow_empty_references", False)))
     elif d.name == "synthetic":
         cache = Path(cache_dir or cfg.paths.cache_dir or default_cache_dir()) / "datasets"
         options = dict(source_dir=d.source_dir, num_files=d.num_files, duration_s=d.duration_s,

@@ -90,14 +90,23 @@ def _hydra_context() -> dict[str, Any]:
 
 
 def _write_status(context: dict[str, Any], status: str, **details: Any) -> None:
+    """Write the job's outcome to ``<sweep dir>/.diaropt/<num>.json`` atomically (temp + rename).
+
+    Never raises: the outcome is already in MLflow (or its fallback folder); a status file that
+    cannot be written (full disk, read-only folder) is logged and costs only the sweep's summary line.
+    """
     if not context["multirun"]:
         return
-    folder = Path(context["sweep_dir"]) / STATUS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    from diaropt.files import atomic_path
+
+    path = Path(context["sweep_dir"]) / STATUS_DIR / f"{context['job_num']}.json"
     payload = {"status": status, "job_num": context["job_num"], "overrides": context["overrides"], **details}
-    tmp = folder / f".{context['job_num']}.tmp"
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(folder / f"{context['job_num']}.json")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1, default=str))
+    except Exception as error:  # noqa: BLE001 - a status file must not take the job or the sweep down
+        log.error("could not write the sweep status file %s (job %s %s): %s: %s", path, context["job_num"],
+                  status, type(error).__name__, error)
 
 
 def _axis_tags(cfg: DictConfig, backend: str) -> dict[str, str]:
