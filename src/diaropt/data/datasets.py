@@ -319,9 +319,11 @@ def load_folder_dataset(
         orphans = sorted(set(source_of) - set(audio_of))
         if orphans:
             more = f" (and {len(orphans) - 1} more: {orphans[1:6]})" if len(orphans) > 1 else ""
+            similar = _similar_names(orphans[0], list(audio_of))
             raise DataError(
                 f"{source_of[orphans[0]]}: {kind} uri {describe_uri(orphans[0])} has no audio file "
                 f"{audio_dir}/{orphans[0]}.{{{extensions}}}{more}"
+                + (f"; audio with a similar name: {', '.join(describe_uri(u) for u in similar)}" if similar else "")
             )
     items = []
     for uri, audio_path in audio_of.items():
@@ -333,6 +335,17 @@ def load_folder_dataset(
         reference = get_reference(references, uri, source=rttm_dir, allow_empty=True)
         items.append(DatasetItem(uri, audio_path, reference, uems.get(uri)))
     return Dataset(name, items)
+
+
+def _similar_names(uri: str, candidates: list[str]) -> list[str]:
+    """Candidates equal to ``uri`` once accents and case are dropped, else the closest spellings."""
+    import difflib
+    import unicodedata
+
+    def fold(name: str) -> str:
+        return unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
+
+    return [c for c in candidates if fold(c) == fold(uri)] or difflib.get_close_matches(uri, candidates, n=3)
 
 
 def load_protocol_dataset(
