@@ -264,8 +264,10 @@ def _run_untracked(cfg: DictConfig, context: dict[str, Any], output_dir: Path, b
         from diaropt.parity import run_parity
 
         metrics.update(run_parity(cfg, backend, result))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    from diaropt.files import atomic_path
+
+    with atomic_path(output_dir / "metrics.json") as tmp:  # a failed write leaves no partial result
+        tmp.write_text(json.dumps(metrics, indent=1))
     _write_status(context, "finished", der_pyannote=result.aggregate["der_pyannote"])
     return metrics
 

@@ -8,8 +8,8 @@ the audio can tell is checked here, without decoding whole files:
   second, and is at least :data:`~diaropt.pipeline.audio.MIN_DURATION_S` long;
 - the scored reference (the reference inside the UEM, if any) ends no later than the audio plus
   :data:`REFERENCE_OVERHANG_TOLERANCE_S`. A reference that runs past the end of its audio is
-  speech the system can never find: it is scored as missed (a clip whose reference was 10x its
-  audio scored DER 69 % instead of 7 %), so it is refused with the file, both ends and the fix.
+  speech the system can never find: it is scored as missed (issue 17 saw DER 69 % instead of 7 %),
+  so it is refused with the file, both ends and the fix.
   A smaller overhang (above 1 ms) is a warning.
 
 NaN samples and clipping are found when a job decodes the whole file (``load_audio``).
