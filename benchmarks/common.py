@@ -75,7 +75,10 @@ def spread(values: list[float]) -> dict[str, float]:
 def write_results(name: str, results: dict[str, Any], out: Path | None = None) -> Path:
     path = out or RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=str))
+    from diaropt.files import atomic_path
+
+    with atomic_path(path) as tmp:  # a failed write (full disk) keeps the previous results whole
+        tmp.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {path}", flush=True)
     return path
 

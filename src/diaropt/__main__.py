@@ -11,8 +11,42 @@ import logging
 import sys
 from pathlib import Path
 
+log = logging.getLogger("diaropt")
+
+
+def _uris(paths: list[Path]) -> tuple[list[tuple[Path, str]], list[str], list[str]]:
+    """``(path, uri)`` per usable file, per-file refusals, and collisions (two files, one uri).
+
+    The uri is the file's stem as an RTTM uri (:func:`diaropt.data.annotations.rttm_uri`: NFC,
+    whitespace replaced); a name that cannot be one is refused with the file named.
+    """
+    from diaropt.data.annotations import DataError, describe_uri, rttm_uri
+
+    jobs: list[tuple[Path, str]] = []
+    refused: list[str] = []
+    first: dict[str, Path] = {}
+    collisions: list[str] = []
+    for path in paths:
+        try:
+            uri = rttm_uri(path.stem, path)
+        except DataError as error:
+            refused.append(str(error))
+            continue
+        if uri != path.stem:
+            log.warning("%s: the name %s is written as uri %s (%s.rttm)", path, describe_uri(path.stem),
+                        describe_uri(uri), uri)
+        if uri in first:
+            collisions.append(f"{first[uri]} and {path} would both be written to {uri}.rttm (uri {describe_uri(uri)})")
+            continue
+        first[uri] = path
+        jobs.append((path, uri))
+    return jobs, refused, collisions
+
 
 def diarize(argv: list[str]) -> int:
+    """Exit codes: 0 every file diarized; 1 some file failed (each named, the others written);
+    2 bad arguments, configuration or file names (nothing done); 3 the configuration cannot be built
+    or loaded on this host (one line: the reason)."""
     parser = argparse.ArgumentParser(prog="python -m diaropt diarize", description=__doc__.splitlines()[0])
     parser.add_argument("audio", nargs="+", type=Path, help="audio files (wav, flac, ogg, ...)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the RTTM files")
@@ -41,33 +75,51 @@ def diarize(argv: list[str]) -> int:
     if missing:
         print(f"error: no such audio file: {', '.join(missing)}", file=sys.stderr)
         return 2
+    jobs, refused, collisions = _uris(args.audio)
+    if collisions:  # refused up front: no result may overwrite another
+        print("error: two input files would write the same RTTM (rename one): " + "; ".join(collisions),
+              file=sys.stderr)
+        return 2
+    for message in refused:  # per file: the others are diarized
+        print(f"error: {message}", file=sys.stderr)
+    try:
+        built = build_models(cfg)
+    except BackendUnavailable as error:
+        print(f"error: this configuration cannot be built on this host: {error.reason}", file=sys.stderr)
+        return 3
+    except Exception as error:  # noqa: BLE001 - unbuildable (no checkpoint, ...): one line, no traceback
+        log.debug("build failed", exc_info=True)
+        print(f"error: this configuration cannot be built: {type(error).__name__}: {error}", file=sys.stderr)
+        return 3
     timer = StageTimer()
     progress = ChunkProgress(enabled=not args.no_progress)
-    try:  # a refusal at build (e.g. quant=w8a8 off macOS) or at load: one line, exit 3
-        built = build_models(cfg)
+    try:  # a refusal at load: one line, exit 3
         pipeline = load_pipeline(cfg, built, timer, progress)
     except BackendUnavailable as error:
         print(f"error: this configuration cannot run on this host: {error.reason}", file=sys.stderr)
         return 3
     args.out.mkdir(parents=True, exist_ok=True)
     audio_duration_s = 0.0
-    failures = 0
+    failed = [message.split(": ", 1)[0] for message in refused]
+    written: list[str] = []
     from tqdm.auto import tqdm
 
-    for path in tqdm(args.audio, desc="files", unit="file", disable=args.no_progress):
+    for path, uri in tqdm(jobs, desc="files", unit="file", disable=args.no_progress):
         try:
-            output = pipeline(path, timer=timer)
-        except ValueError as error:  # bad input: say which file and go on with the others
-            print(f"error: {error}", file=sys.stderr)
-            failures += 1
+            output = pipeline(path, uri, timer=timer)
+            write_rttm(output.annotation, args.out / f"{uri}.rttm", uri=uri)  # atomic: no partial RTTM
+        except (ValueError, OSError) as error:  # bad input, full disk: name the file, go on with the others
+            print(f"error: {path}: {error}" if str(path) not in str(error) else f"error: {error}", file=sys.stderr)
+            failed.append(str(path))
             continue
         audio_duration_s += output.audio_duration_s
-        write_rttm(output.annotation, args.out / f"{output.uri}.rttm", uri=output.uri)
+        written.append(str(args.out / f"{uri}.rttm"))
     progress.close()
-    summary = {"backend": built.backend, "files": len(args.audio) - failures, "failed": failures,
-               **{k: round(v, 4) for k, v in timer.metrics(audio_duration_s).items()}}
+    summary = {"backend": built.backend, "files": len(written), "failed": len(failed),
+               **{k: round(v, 4) for k, v in timer.metrics(audio_duration_s).items()},
+               "written": written, "failed_files": failed}
     print(json.dumps(summary, indent=1))
-    return 1 if failures else 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -275,7 +275,9 @@ def ensure(key: str, cache_dir: Path | None = None) -> Path:
     with FileLock(str(cache_dir / f".{key}.lock")):
         bad = _bad_members(key, cache_dir)
         if bad:
-            if len(bad) < len(ASSETS[key][1]):
+            # a first fetch (every file missing) is normal; a changed or partly missing file is not,
+            # whatever the asset's file count (a tampered single-file asset was repaired silently)
+            if len(bad) < len(ASSETS[key][1]) or any(b.endswith("(sha256 mismatch)") for b in bad):
                 log.warning("asset %r in %s is partial or corrupt (%s); re-extracting",
                             key, cache_dir, ", ".join(bad))
             _extract(key, cache_dir)

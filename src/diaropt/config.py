@@ -20,16 +20,29 @@ axis's options live:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field whose valid values are recorded in its metadata (read by :func:`validate`).
+
+    ``ge``/``gt``/``le``/``lt``: inclusive/exclusive bounds of a number; ``choices``: the allowed
+    strings. ``None`` (an optional field left unset) is always valid. OmegaConf ignores the metadata.
+    """
+    limits = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    return field(default=default, metadata={key: value for key, value in limits.items() if value is not None})
 
 
 class BackendName(str, Enum):
@@ -79,8 +92,8 @@ class ClusteringMethod(str, Enum):
 @dataclass
 class BackendConfig:
     name: BackendName = BackendName.auto
-    num_threads: int = 0  # 0: the runtime's default (all cores)
-    ort_optimization_level: str = "all"  # disable | basic | extended | all
+    num_threads: int = bounded(0, ge=0)  # 0: the runtime's default (all cores)
+    ort_optimization_level: str = bounded("all", choices=("disable", "basic", "extended", "all"))
     # ONNX Runtime's CPU arena keeps each session's peak activations allocated after a run. Off, they
     # are freed between runs (lower peak memory) but every run allocates again: the embedding stage
     # took 64 s instead of 38 s on a 5 min file here. Small batches bound the arena instead.
@@ -95,13 +108,13 @@ class ComputeUnitConfig:
 @dataclass
 class FrameExtractionConfig:
     mode: FrameExtractionMode = FrameExtractionMode.strided
-    batch_size: int = 64  # frames per extraction op in ``batched`` mode
+    batch_size: int = bounded(64, ge=1)  # frames per extraction op in ``batched`` mode
 
 
 @dataclass
 class QuantConfig:
     mode: QuantMode = QuantMode.fp32
-    int4_block_size: int = 32
+    int4_block_size: int = bounded(32, ge=1)
     # which models are compressed: the segmentation model is small, the embedding model dominates
     segmentation: bool = True
     embedding: bool = True
@@ -118,11 +131,11 @@ class FusionConfig:
 
 @dataclass
 class SegmentationConfig:
-    step_s: float = 1.0
+    step_s: float = bounded(1.0, gt=0, le=10.0)
     # chunks per call. With ONNX Runtime's arena, a session keeps its largest batch's activations:
     # 8 segmentation chunks and 4 embedding rows keep a 60 min file under 2 GiB (batches of 32:
     # 3.6 GB) at about the same speed (benchmarks/results/scaling.json)
-    batch_size: int = 8
+    batch_size: int = bounded(8, ge=1)
     checkpoint: Optional[str] = None  # local path or hub id; None: pinned segmentation-3.0
 
 
@@ -130,9 +143,9 @@ class SegmentationConfig:
 class EmbeddingConfig:
     name: EmbeddingName = EmbeddingName.campplus
     # rows per call: (chunk, speaker) pairs; chunks with shared_trunk; tiles and chunks with tiled_trunk
-    batch_size: int = 4  # see segmentation.batch_size
+    batch_size: int = bounded(4, ge=1)  # see segmentation.batch_size
     checkpoint: Optional[str] = None  # local path or hub id; None: pinned weights (CAM++)
-    min_num_clean_frames: int = 10
+    min_num_clean_frames: int = bounded(10, ge=0)
     # the network before pooling once per chunk, each speaker's mask applied at the pooling (exact);
     # false: the whole network once per (chunk, speaker), as pyannote and the design note do
     shared_trunk: bool = True
@@ -143,7 +156,7 @@ class EmbeddingConfig:
     tiled_trunk: bool = True
     # speaker tracking: embed every k-th chunk (and the last); link the other chunks' speakers to
     # them by co-activity in the overlap (diaropt.pipeline.linking). 1: embed every active speaker
-    anchor_every: int = 1
+    anchor_every: int = bounded(1, ge=1)
 
 
 @dataclass
@@ -152,17 +165,18 @@ class ClusteringConfig:
     # (hydra.utils.instantiate): a key the variant does not have is an error, never silently dropped
     _target_: str = "diaropt.pipeline.clustering.VBxClustering"
     method: ClusteringMethod = ClusteringMethod.vbx
-    threshold: float = 0.6
-    min_cluster_size: Optional[int] = None  # ahc, online_ema
-    min_active_ratio: float = 0.2
-    ema_alpha: Optional[float] = None  # online_ema
-    fa: Optional[float] = None  # vbx
-    fb: Optional[float] = None  # vbx
-    max_iters: Optional[int] = None  # vbx
-    phi: Optional[float] = None  # vbx: between-class variance of the cosine PLDA stand-in
-    num_speakers: Optional[int] = None
-    min_speakers: Optional[int] = None
-    max_speakers: Optional[int] = None
+    # online_ema: a cosine distance; ahc / vbx: a euclidean distance between unit vectors. Both in [0, 2]
+    threshold: float = bounded(0.6, ge=0, le=2)
+    min_cluster_size: Optional[int] = bounded(None, ge=1)  # ahc, online_ema
+    min_active_ratio: float = bounded(0.2, ge=0, le=1)
+    ema_alpha: Optional[float] = bounded(None, gt=0, le=1)  # online_ema
+    fa: Optional[float] = bounded(None, gt=0)  # vbx
+    fb: Optional[float] = bounded(None, gt=0)  # vbx
+    max_iters: Optional[int] = bounded(None, ge=1)  # vbx
+    phi: Optional[float] = bounded(None, gt=0)  # vbx: between-class variance of the cosine PLDA stand-in
+    num_speakers: Optional[int] = bounded(None, ge=1)
+    min_speakers: Optional[int] = bounded(None, ge=1)
+    max_speakers: Optional[int] = bounded(None, ge=1)
 
 
 @dataclass
@@ -171,8 +185,8 @@ class DatasetConfig:
     # (hydra.utils.instantiate), except name / max_files / max_duration_s, which the runner applies
     _target_: str = "diaropt.data.datasets.load_ami_mini"
     name: str = "ami_mini"
-    max_files: Optional[int] = None
-    max_duration_s: Optional[float] = None  # crop every file (and its reference) to its first N s
+    max_files: Optional[int] = bounded(None, ge=1)  # the first N files; null: all
+    max_duration_s: Optional[float] = bounded(None, gt=0)  # crop every file (and its reference) to its first N s
     # folder
     audio_dir: Optional[str] = None
     rttm_dir: Optional[str] = None
@@ -181,26 +195,29 @@ class DatasetConfig:
     source_dir: Optional[str] = None
     split: Optional[str] = None
     cache_dir: Optional[str] = None  # null: <paths.cache_dir or the user cache>/datasets
-    num_files: Optional[int] = None
-    duration_s: Optional[float] = None
-    num_speakers: Optional[int] = None
-    overlap_ratio: Optional[float] = None
+    num_files: Optional[int] = bounded(None, ge=1)
+    duration_s: Optional[float] = bounded(None, gt=0)
+    num_speakers: Optional[int] = bounded(None, ge=1)
+    overlap_ratio: Optional[float] = bounded(None, ge=0, lt=1)
     seed: Optional[int] = None
     # pyannote.database
     protocol: Optional[str] = None
-    subset: Optional[str] = None
+    subset: Optional[str] = bounded(None, choices=("train", "development", "test"))
+    # folder: an audio file whose RTTM has no turn (or no RTTM line) gets an empty reference (a file
+    # known to contain no speech) instead of an error; null: false
+    allow_empty_references: Optional[bool] = None
 
 
 @dataclass
 class PostprocessConfig:
-    min_duration_on_s: float = 0.0
-    min_duration_off_s: float = 0.0
+    min_duration_on_s: float = bounded(0.0, ge=0)
+    min_duration_off_s: float = bounded(0.0, ge=0)
 
 
 @dataclass
 class ParityConfig:
     enabled: bool = True
-    cosine_floor: float = 0.98  # embedding cosine vs the fp32 torch reference below this: flagged
+    cosine_floor: float = bounded(0.98, ge=-1, le=1)  # embedding cosine vs the fp32 torch reference below this: flagged
 
 
 @dataclass
@@ -234,8 +251,8 @@ class Config:
     parity: ParityConfig = field(default_factory=ParityConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    repeats: int = 1
-    torch_threads: int = 0  # 0: torch's default
+    repeats: int = bounded(1, ge=1)
+    torch_threads: int = bounded(0, ge=0)  # 0: torch's default
     resume: bool = False
     # reuse segmentation outputs and embeddings per (audio, models): for sweeps over clustering or
     # post-processing parameters. Jobs that hit the cache report network timings of ~0 (tagged).
@@ -261,30 +278,117 @@ def register_configs() -> None:
         store.store(group=group, name="schema", node=schema)
 
 
+def _range_text(limits: Mapping[str, Any], unit: str) -> str:
+    low = ("[", limits["ge"]) if "ge" in limits else ("(", limits["gt"]) if "gt" in limits else None
+    high = (limits["le"], "]") if "le" in limits else (limits["lt"], ")") if "lt" in limits else None
+    if low and high:
+        text = f"must be in {low[0]}{low[1]:g}, {high[0]:g}{high[1]}"
+    elif low:
+        text = f"must be {'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    else:
+        assert high is not None
+        text = f"must be {'<=' if high[1] == ']' else '<'} {high[0]:g}"
+    return text + unit
+
+
+def _field_problems(schema: type, node: Any, prefix: str = "") -> list[str]:
+    """Range/choice problems of ``node`` against the ``bounded`` metadata of ``schema``, recursively."""
+    problems: list[str] = []
+    hints = get_type_hints(schema)
+    for spec in fields(schema):
+        key = f"{prefix}{spec.name}"
+        if node is None or spec.name not in node:  # a node another schema version lacks: Hydra's concern
+            continue
+        value = node[spec.name]
+        if is_dataclass(hints.get(spec.name)):
+            problems += _field_problems(hints[spec.name], value, f"{key}.")
+            continue
+        limits = spec.metadata
+        if value is None or not limits:
+            continue
+        if "choices" in limits:
+            if value not in limits["choices"]:
+                problems.append(f"{key} = {value!r}: must be one of {', '.join(limits['choices'])}")
+            continue
+        number = value.value if isinstance(value, Enum) else value
+        ok = (("ge" not in limits or number >= limits["ge"]) and ("gt" not in limits or number > limits["gt"])
+              and ("le" not in limits or number <= limits["le"]) and ("lt" not in limits or number < limits["lt"]))
+        if not ok:
+            problems.append(f"{key} = {value!r}: {_range_text(limits, ' s' if spec.name.endswith('_s') else '')}")
+    return problems
+
+
+def job_metric_names(parity_enabled: bool = True, cache_arrays: bool = False) -> set[str]:
+    """The metrics a sweep job returns (what ``objectives`` may name): DER/JER and their components in
+    every scoring convention, per-stage times with their min/max over repeats, shares, RTFx,
+    ``peak_rss_bytes``, and the ``parity_*`` metrics when parity is on. Derived from the code that
+    produces them (scorer conventions, timer stages, parity aggregation), not from a list."""
+    from pyannote.core import Annotation, Segment, Timeline
+
+    from diaropt.metrics import DiarizationScorer
+    from diaropt.parity import parity_metrics
+    from diaropt.pipeline.timing import STAGES, StageTimer
+
+    reference = Annotation(uri="x")
+    reference[Segment(0, 1)] = "A"
+    scorer = DiarizationScorer()
+    scorer.add("x", reference, reference, Timeline([Segment(0, 1)], uri="x"))
+    names = set(scorer.aggregate())
+    for key in StageTimer().metrics(1.0):
+        names.add(key)
+        if key.startswith("time_") or key == "rtfx":
+            names |= {f"{key}_min", f"{key}_max"}
+    names |= {f"share_{stage}" for stage in STAGES} | {"repeats", "num_files", "peak_rss_bytes"}
+    if cache_arrays:
+        names.add("array_cache_hits")
+    if parity_enabled:
+        names |= set(parity_metrics([], 0.0, 0.0, 0.98))
+    return names
+
+
+def _cross_field_problems(cfg: DictConfig) -> list[str]:
+    """Rules between fields: speaker-count bounds, per-method ranges, dataset options, objectives."""
+    problems: list[str] = []
+    c = cfg.clustering
+    if c.min_speakers is not None and c.max_speakers is not None and c.min_speakers > c.max_speakers:
+        problems.append(f"clustering.min_speakers = {c.min_speakers} > clustering.max_speakers = "
+                        f"{c.max_speakers}: min_speakers must be <= max_speakers")
+    if c.num_speakers is not None and not ((c.min_speakers or 1) <= c.num_speakers
+                                           <= (c.max_speakers or c.num_speakers)):
+        problems.append(f"clustering.num_speakers = {c.num_speakers}: must be within [min_speakers, "
+                        f"max_speakers] = [{c.min_speakers}, {c.max_speakers}]")
+    method = c.method.value if isinstance(c.method, Enum) else c.method
+    if method == "ahc" and c.threshold <= 0:
+        problems.append(f"clustering.threshold = {c.threshold!r}: must be > 0 with clustering.method=ahc")
+    from diaropt.data.datasets import DATASET_NAMES
+
+    d = cfg.dataset
+    if d.name not in DATASET_NAMES:
+        problems.append(f"dataset.name = {d.name!r}: must be one of {', '.join(DATASET_NAMES)}")
+    elif d.name == "protocol" and not d.protocol:
+        problems.append("dataset.protocol = None: dataset=protocol needs a pyannote.database protocol name")
+    objectives = list(cfg.objectives)
+    if not objectives:
+        problems.append("objectives = []: name at least one metric (e.g. der_pyannote)")
+    known = job_metric_names(bool(cfg.parity.enabled), bool(cfg.cache_arrays))
+    for name in objectives:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), sorted(known), n=3)
+            off = " (parity.enabled=false: no parity_* metric)" if str(name).startswith("parity_") else ""
+            problems.append(f"objectives: {name!r} is not a metric a job returns{off}"
+                            + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return problems
+
+
 def validate(cfg: DictConfig) -> None:
-    """Range checks the types cannot express; raises ValueError naming the key."""
-    checks: list[tuple[str, bool, str]] = [
-        ("segmentation.step_s", 0 < cfg.segmentation.step_s <= 10.0, "must be in (0, 10] s"),
-        ("segmentation.batch_size", cfg.segmentation.batch_size >= 1, "must be >= 1"),
-        ("embedding.batch_size", cfg.embedding.batch_size >= 1, "must be >= 1"),
-        ("embedding.anchor_every", cfg.embedding.anchor_every >= 1, "must be >= 1"),
-        ("frame_extraction.batch_size", cfg.frame_extraction.batch_size >= 1, "must be >= 1"),
-        ("clustering.threshold", cfg.clustering.threshold > 0, "must be > 0"),
-        ("clustering.ema_alpha", cfg.clustering.ema_alpha is None or 0 < cfg.clustering.ema_alpha <= 1,
-         "must be in (0, 1]"),
-        ("clustering.min_active_ratio", 0 <= cfg.clustering.min_active_ratio <= 1, "must be in [0, 1]"),
-        ("repeats", cfg.repeats >= 1, "must be >= 1"),
-        ("parity.cosine_floor", -1 <= cfg.parity.cosine_floor <= 1, "must be in [-1, 1]"),
-        ("quant.int4_block_size", cfg.quant.int4_block_size >= 1, "must be >= 1"),
-        ("backend.ort_optimization_level", cfg.backend.ort_optimization_level in ("disable", "basic", "extended", "all"),
-         "must be one of disable, basic, extended, all"),
-    ]
-    for key in ("num_speakers", "min_speakers", "max_speakers"):
-        value = cfg.clustering[key]
-        checks.append((f"clustering.{key}", value is None or value >= 1, "must be >= 1 or null"))
-    if cfg.dataset.max_duration_s is not None:
-        checks.append(("dataset.max_duration_s", cfg.dataset.max_duration_s > 0, "must be > 0"))
-    bad = [f"{key} = {OmegaConf.select(cfg, key)!r}: {reason}" for key, ok, reason in checks if not ok]
+    """Check every value against the schema's ranges and choice sets (:func:`bounded` metadata of
+    :class:`Config`, walked recursively) and the cross-field rules (``min_speakers <= max_speakers``,
+    objectives a job returns, ...), before any work.
+
+    Raises:
+        ValueError: ``invalid configuration: <key> = <value>: <rule>; ...`` naming every bad key.
+    """
+    bad = _field_problems(Config, cfg) + _cross_field_problems(cfg)
     if bad:
         raise ValueError("invalid configuration: " + "; ".join(bad))
 

@@ -19,7 +19,7 @@ from pyannote.core import Segment, Timeline
 from tqdm.auto import tqdm
 
 from diaropt.data.annotations import DataError, write_rttm
-from diaropt.data.datasets import Dataset, DatasetItem, load_dataset
+from diaropt.data.datasets import Dataset, DatasetItem
 from diaropt.metrics import DiarizationScorer
 from diaropt.pipeline.audio import SAMPLE_RATE_HZ, load_audio
 from diaropt.pipeline.cache import ArrayCache

@@ -86,14 +86,23 @@ def _hydra_context() -> dict[str, Any]:
 
 
 def _write_status(context: dict[str, Any], status: str, **details: Any) -> None:
+    """Write the job's outcome to ``<sweep dir>/.diaropt/<num>.json`` atomically (temp + rename).
+
+    Never raises: the outcome is already in MLflow (or its fallback folder); a status file that
+    cannot be written (full disk, read-only folder) is logged and costs only the sweep's summary line.
+    """
     if not context["multirun"]:
         return
-    folder = Path(context["sweep_dir"]) / STATUS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    from diaropt.files import atomic_path
+
+    path = Path(context["sweep_dir"]) / STATUS_DIR / f"{context['job_num']}.json"
     payload = {"status": status, "job_num": context["job_num"], "overrides": context["overrides"], **details}
-    tmp = folder / f".{context['job_num']}.tmp"
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(folder / f"{context['job_num']}.json")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1, default=str))
+    except Exception as error:  # noqa: BLE001 - a status file must not take the job or the sweep down
+        log.error("could not write the sweep status file %s (job %s %s): %s: %s", path, context["job_num"],
+                  status, type(error).__name__, error)
 
 
 def _provenance(cfg: DictConfig, backend: str):
@@ -188,7 +197,10 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
                 _write_status(context, "skipped", run_id=run.run_id, reason=error.reason)
                 return {}
         if not tracked:
-            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            from diaropt.files import atomic_path
+
+            with atomic_path(output_dir / "metrics.json") as tmp:  # a failed write leaves no partial result
+                tmp.write_text(json.dumps(metrics, indent=1))
         _write_status(context, "finished", run_id=run.run_id, der_pyannote=metrics[DER_METRIC])
         return metrics
     except Exception as error:  # noqa: BLE001 - the run is FAILED already; the sweep goes on
@@ -286,27 +298,54 @@ def read_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def validate_sweep(config: DictConfig) -> int:
-    """Compose and range-check the config of every job of a basic sweep; returns the number of jobs.
+    """Check the configuration of every job of a sweep, and each distinct dataset, before the first job.
 
-    Hydra checks keys and types of every job before launching; the range checks of
-    :func:`diaropt.config.validate` run here too, so ``-m segmentation.step_s=1,20`` fails before the
-    first job instead of after it. Sweeps this cannot expand (e.g. Optuna's search space) are left to
-    the per-job check.
+    Every value of every job is range/choice/cross-field checked (:func:`diaropt.config.validate`,
+    derived from the schema), so ``-m segmentation.step_s=1,20`` or ``clustering.threshold=7`` fails
+    in seconds with nothing built instead of after a job. Jobs are what the sweeper will run: for the
+    basic sweeper the product of the command line's and ``hydra.sweeper.params``' values; for a
+    search sweeper (Optuna) its search space cannot be enumerated, so each value of each searched
+    parameter (both ends of an interval) is checked on top of the command line's overrides. Then each
+    distinct dataset of the jobs is loaded (references and UEMs parsed) and checked once
+    (:func:`diaropt.data.checks.check_dataset`: audio decodes, references end within their audio),
+    instead of once per job after its models are built.
+
+    Returns:
+        the number of job configurations checked.
 
     Raises:
-        ValueError: a job's configuration is out of range (names the job's overrides and the key).
+        ValueError: a job's configuration is out of range, or its dataset cannot be used (names the
+            job's overrides and the key or file; "no job was started").
     """
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
+    sweeper = config.hydra.get("sweeper") or {}
+    params = {str(k): str(v) for k, v in (sweeper.get("params") or {}).items()}
+    basic = str(sweeper.get("_target_", "")).endswith("BasicSweeper")
+    task = list(config.hydra.overrides.task)
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
         loader = GlobalHydra.instance().config_loader()
-    except Exception as error:  # noqa: BLE001 - not a basic sweep: each job validates itself
+        arguments = ([f"{k}={v}" for k, v in params.items()] if basic else []) + task
+        jobs = [list(job) for batch in BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+                for job in batch]
+        if not basic:  # a search space: each searched value on top of the command line's jobs
+            extra = []
+            for key, value in params.items():
+                override = parser.parse_override(f"{key}={value}")
+                if override.is_interval_sweep():
+                    interval = override.value()
+                    values = [str(interval.start), str(interval.end)]
+                else:
+                    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [value]
+                extra += [[*job, f"{key}={one}"] for job in jobs for one in values]
+            jobs += extra
+    except Exception as error:  # noqa: BLE001 - a sweep this cannot expand: each job validates itself
         log.debug("sweep not expanded for validation: %s", error)
         return 0
+    job_cfgs = []
     for overrides in jobs:
         try:
             job_cfg = loader.load_sweep_config(config, list(overrides))
@@ -315,9 +354,41 @@ def validate_sweep(config: DictConfig) -> int:
             continue
         try:
             validate(job_cfg)
+            direction = sweeper.get("direction")
+            if not basic and direction is not None and not isinstance(direction, str) \
+                    and len(direction) != len(job_cfg.objectives):
+                raise ValueError(f"hydra.sweeper.direction has {len(direction)} entries but objectives "
+                                 f"{list(job_cfg.objectives)} has {len(job_cfg.objectives)}: one direction per objective")
         except ValueError as error:
             raise ValueError(f"job {' '.join(overrides)}: {error} (no job was started)") from None
+        job_cfgs.append((overrides, job_cfg))
+    _check_sweep_datasets(job_cfgs)
     return len(jobs)
+
+
+def _check_sweep_datasets(job_cfgs: list[tuple[list[str], DictConfig]]) -> None:
+    """Load and check each distinct dataset of the jobs once (see :func:`validate_sweep`)."""
+    from diaropt.data.checks import check_dataset
+    from diaropt.runner import dataset_from_config
+
+    checked: set[str] = set()
+    for overrides, job_cfg in job_cfgs:
+        try:
+            container = to_container(job_cfg)
+            key = json.dumps([container["dataset"], container["paths"]["cache_dir"]], sort_keys=True, default=str)
+        except Exception as error:  # noqa: BLE001 - e.g. a mandatory dataset option left unset
+            raise ValueError(f"job {' '.join(overrides)}: dataset: {type(error).__name__}: {error} "
+                             "(no job was started)") from None
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            dataset = dataset_from_config(job_cfg)
+            check_dataset(dataset, job_cfg.dataset.max_duration_s)
+        except Exception as error:  # noqa: BLE001 - every job would fail on it: stop the sweep here
+            raise ValueError(f"job {' '.join(overrides)}: dataset {job_cfg.dataset.name!r} cannot be used: "
+                             f"{type(error).__name__}: {error} (no job was started)") from None
+        log.info("dataset %r checked: %d file(s)", dataset.name, len(dataset))
 
 
 class SweepCallback(Callback):

@@ -102,9 +102,13 @@ def save_mlpackage(model, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # coremltools insists on the .mlpackage suffix
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    try:
+        model.save(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    except BaseException:  # a failed save (full disk) leaves no temporary package
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 

@@ -15,11 +15,19 @@ UEM (un-partitioned evaluation map), one scored region per line::
     <uri> <channel> <start_s> <end_s>
 
 LST: one uri per line.
+
+Uris are compared in Unicode NFC (:func:`normalize_uri`): macOS file systems hand back names in
+NFD, so ``trñ00.wav`` may arrive as ``n`` + U+0303 while an RTTM says U+00F1. Every uri read here is
+NFC; :func:`rttm_uri` turns any file stem into the uri written to an RTTM (the one rule used by the
+CLI and the folder dataset), and :func:`describe_uri` shows a non-ASCII uri with its code points so
+two names that look the same on screen can be told apart in an error.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -28,12 +36,17 @@ from typing import IO
 from pyannote.core import Annotation, Segment, Timeline
 from pyannote.core.segment import SEGMENT_PRECISION
 
+from diaropt.files import atomic_path
+
 __all__ = [
     "DataError",
+    "describe_uri",
     "get_reference",
     "load_lst",
     "load_rttm",
     "load_uem",
+    "normalize_uri",
+    "rttm_uri",
     "write_rttm",
 ]
 
@@ -63,6 +76,37 @@ MAX_SECONDS = 1e9
 
 class DataError(ValueError):
     """A data file (audio, RTTM, UEM, LST) is missing, malformed or inconsistent."""
+
+
+def normalize_uri(uri: str) -> str:
+    """``uri`` in Unicode NFC, the form every uri is compared in."""
+    return unicodedata.normalize("NFC", uri)
+
+
+def describe_uri(uri: str) -> str:
+    """``repr(uri)``, followed by its escaped code points if it is not ASCII (``'trñ00' ('tr\\xf100')``
+    vs ``'trñ00' ('trn\\u030300')``), so that NFC and NFD names differ visibly in a message."""
+    return repr(uri) if uri.isascii() else f"{uri!r} ({ascii(uri)})"
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def rttm_uri(name: str, source: str | Path) -> str:
+    """The uri under which a file named ``name`` (e.g. an audio file's stem) is written to an RTTM.
+
+    RTTM fields are whitespace-separated, so every run of whitespace becomes ``_``; the name is
+    NFC-normalised. The caller logs the mapping when the uri differs from ``name``.
+
+    Raises:
+        DataError: (naming ``source``) a name that cannot be a uri and an output file name even then:
+            empty, ``.``/``..``, a path separator or a control character.
+    """
+    uri = _WHITESPACE.sub("_", normalize_uri(name).strip())
+    if not uri or uri in (".", "..") or any(c in "/\\" or not c.isprintable() for c in uri):
+        raise DataError(f"{source}: name {describe_uri(name)} cannot be a uri "
+                        "(empty, '.', '..', a path separator or a control character): rename the file")
+    return uri
 
 
 def _iter_records(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -125,7 +169,7 @@ def load_rttm(path: str | Path, *, allow_empty: bool = False) -> dict[str, Annot
                 f"'SPEAKER uri channel start duration <NA> <NA> speaker <NA> <NA>', "
                 f"got {len(fields)}"
             )
-        uri, start_field, duration_field, speaker = fields[1], fields[3], fields[4], fields[7]
+        uri, start_field, duration_field, speaker = normalize_uri(fields[1]), fields[3], fields[4], fields[7]
         start_s = _parse_seconds(start_field, "start", path, line_number)
         duration_s = _parse_seconds(duration_field, "duration", path, line_number)
         if start_s < 0.0:
@@ -144,7 +188,8 @@ def load_rttm(path: str | Path, *, allow_empty: bool = False) -> dict[str, Annot
         annotation[Segment(start_s, start_s + duration_s), line_number] = speaker
     if not annotations and not allow_empty:
         raise DataError(
-            f"{path}: no SPEAKER line; pass allow_empty=True if this file really has no speech"
+            f"{path}: no SPEAKER line; if this file really has no speech, set "
+            "dataset.allow_empty_references=true (dataset=folder; Python: allow_empty=True)"
         )
     return annotations
 
@@ -164,11 +209,12 @@ def get_reference(
         source: where ``annotations`` came from (RTTM path), quoted in the error.
         allow_empty: return an empty Annotation for an absent uri (file known to have no speech).
     """
+    uri = normalize_uri(uri)
     if uri in annotations:
         return annotations[uri]
     if allow_empty:
         return Annotation(uri=uri)
-    raise DataError(f"{source}: no reference for uri {uri!r}")
+    raise DataError(f"{source}: no reference for uri {describe_uri(uri)}")
 
 
 def load_uem(path: str | Path) -> dict[str, Timeline]:
@@ -189,7 +235,7 @@ def load_uem(path: str | Path) -> dict[str, Timeline]:
                 f"{path}:{line_number}: expected 4 fields 'uri channel start end', "
                 f"got {len(fields)}"
             )
-        uri = fields[0]
+        uri = normalize_uri(fields[0])
         start_s = _parse_seconds(fields[2], "start", path, line_number)
         end_s = _parse_seconds(fields[3], "end", path, line_number)
         if start_s < 0.0:
@@ -228,7 +274,7 @@ def load_lst(path: str | Path) -> list[str]:
     for line_number, fields in _iter_records(path):
         if len(fields) != 1:
             raise DataError(f"{path}:{line_number}: expected one uri, got {len(fields)} fields")
-        uri = fields[0]
+        uri = normalize_uri(fields[0])
         if uri in first_line:
             raise DataError(
                 f"{path}:{line_number}: duplicate uri {uri!r} (first on line {first_line[uri]})"
@@ -277,7 +323,9 @@ def write_rttm(
 
     Args:
         annotations: an Annotation or an iterable of them (one RTTM file for several uris).
-        file: destination path (overwritten) or an open text stream.
+        file: destination path or an open text stream. A path is written atomically (a temporary
+            file renamed onto it): a failed write (disk full) leaves no file there, never a partial
+            or empty one (an empty RTTM is a valid "no speech" answer).
         uri: uri written for a single annotation; defaults to ``annotation.uri``.
 
     Segment boundaries are rounded to the millisecond; segments that vanish at that precision
@@ -298,6 +346,7 @@ def write_rttm(
             raise DataError("cannot write RTTM: annotation has no uri (pass uri=...)")
         lines.extend(_rttm_lines(annotation, _check_rttm_token(str(item_uri), "uri")))
     if isinstance(file, (str, Path)):
-        Path(file).write_text("".join(lines), encoding="utf-8")
+        with atomic_path(file) as tmp:
+            tmp.write_text("".join(lines), encoding="utf-8")
     else:
         file.writelines(lines)

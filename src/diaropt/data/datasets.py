@@ -55,15 +55,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
-from pyannote.core import Annotation, Segment, Timeline
+from pyannote.core import Annotation, Timeline
 
-from diaropt.data.annotations import DataError, get_reference, load_rttm, load_uem, write_rttm
+from diaropt.data.annotations import DataError, describe_uri, get_reference, load_rttm, load_uem, rttm_uri
 
 __all__ = [
     "AMI_DEBUG_URIS",
@@ -328,9 +327,13 @@ def load_folder_dataset(
         raise DataError(f"{audio_dir}: no audio file ({', '.join(AUDIO_EXTENSIONS)})")
     audio_of: dict[str, Path] = {}
     for path in audio_files:
-        if path.stem in audio_of:
-            raise DataError(f"duplicate uri {path.stem!r}: {audio_of[path.stem]} and {path}")
-        audio_of[path.stem] = path
+        uri = rttm_uri(path.stem, path)  # NFC, whitespace -> "_": the uri an RTTM can hold
+        if uri != path.stem:
+            logging.getLogger(__name__).info("%s: uri %s (the file name %s as an RTTM uri)", path,
+                                             describe_uri(uri), describe_uri(path.stem))
+        if uri in audio_of:
+            raise DataError(f"duplicate uri {describe_uri(uri)}: {audio_of[uri]} and {path}")
+        audio_of[uri] = path
 
     rttm_files = _files_of(rttm_dir, ".rttm", "RTTM")
     references, rttm_of = _merge_by_uri(
@@ -347,20 +350,33 @@ def load_folder_dataset(
         orphans = sorted(set(source_of) - set(audio_of))
         if orphans:
             more = f" (and {len(orphans) - 1} more: {orphans[1:6]})" if len(orphans) > 1 else ""
+            similar = _similar_names(orphans[0], list(audio_of))
             raise DataError(
-                f"{source_of[orphans[0]]}: {kind} uri {orphans[0]!r} has no audio file "
+                f"{source_of[orphans[0]]}: {kind} uri {describe_uri(orphans[0])} has no audio file "
                 f"{audio_dir}/{orphans[0]}.{{{extensions}}}{more}"
+                + (f"; audio with a similar name: {', '.join(describe_uri(u) for u in similar)}" if similar else "")
             )
     items = []
     for uri, audio_path in audio_of.items():
         if uri not in references and not allow_empty_references:
             raise DataError(
-                f"{audio_path}: no reference for uri {uri!r} in {rttm_dir} "
-                "(pass allow_empty_references=True if the file has no speech)"
+                f"{audio_path}: no reference for uri {describe_uri(uri)} in {rttm_dir} (if the file has no "
+                "speech: dataset.allow_empty_references=true; Python: allow_empty_references=True)"
             )
         reference = get_reference(references, uri, source=rttm_dir, allow_empty=True)
         items.append(DatasetItem(uri, audio_path, reference, uems.get(uri)))
     return Dataset(name, items)
+
+
+def _similar_names(uri: str, candidates: list[str]) -> list[str]:
+    """Candidates equal to ``uri`` once accents and case are dropped, else the closest spellings."""
+    import difflib
+    import unicodedata
+
+    def fold(name: str) -> str:
+        return unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
+
+    return [c for c in candidates if fold(c) == fold(uri)] or difflib.get_close_matches(uri, candidates, n=3)
 
 
 def load_protocol_dataset(

@@ -122,17 +122,22 @@ def cached_build(cache_root: Path, payload: dict[str, Any], filename: str,
                 return entry / filename, info
             log.warning("model cache entry %s is partial or corrupt (%s); rebuilding", entry, ", ".join(bad[:5]))
         shutil.rmtree(entry, ignore_errors=True)
+        for stale in cache_root.glob(f".tmp-{key}-*"):  # left by a killed build of this key (we hold its lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = cache_root / f".tmp-{key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        start = time.perf_counter()
-        info = build(tmp / filename)
-        info["build_s"] = time.perf_counter() - start
-        info["content_key"] = key
-        (tmp / "payload.json").write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
-        (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
-        write_manifest(tmp)
-        tmp.rename(entry)
+        try:
+            start = time.perf_counter()
+            info = build(tmp / filename)
+            info["build_s"] = time.perf_counter() - start
+            info["content_key"] = key
+            (tmp / "payload.json").write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
+            (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
+            write_manifest(tmp)
+            tmp.rename(entry)
+        except BaseException:  # a failed build (full disk, refusal, Ctrl-C) leaves no temporary folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     info["cache_hit"] = 0
     return entry / filename, info
 
@@ -148,6 +153,26 @@ def refuse_unbuildable(mode: str) -> None:
     spec = quant.COREML_QUANT.get(mode)
     if spec is not None and spec.needs_macos and not is_macos():
         raise BackendUnavailable(f"quant={mode} cannot be built on this host: {spec.needs_macos}")
+def sweep_stale_builds(cache_root: Path) -> list[Path]:
+    """Remove the ``.tmp-<key>-<pid>`` folders of builds that were killed (SIGKILL, power loss); returns them.
+
+    A folder is stale when its key's lock can be taken at once: no process is building that key now
+    (works across processes and hosts sharing the cache, unlike a pid check).
+    """
+    from filelock import Timeout
+
+    removed = []
+    for tmp in sorted(Path(cache_root).glob(".tmp-*")):
+        key = tmp.name[len(".tmp-"):].rsplit("-", 1)[0]
+        try:
+            with FileLock(str(Path(cache_root) / f".{key}.lock"), timeout=0):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        except Timeout:  # being built right now
+            continue
+    if removed:
+        log.warning("removed %d temporary build folder(s) left by killed builds in %s", len(removed), cache_root)
+    return removed
 
 
 def _torch_modules(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], dict[str, str], int]:
@@ -188,6 +213,8 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
             refuse_unbuildable(quant_mode_for(cfg, kind))
     modules, weights_sha, embedding_dim = _torch_modules(cfg)
     cache_root = Path(cache_dir or cfg.paths.cache_dir or default_cache_dir()) / "models"
+    if cache_root.is_dir():
+        sweep_stale_builds(cache_root)
     stages = fusion.stage_specs(plan, modules["segmentation"], modules["embedding"], cfg.segmentation.batch_size,
                                 cfg.embedding.batch_size)
     built: dict[str, BuiltModel] = {}
