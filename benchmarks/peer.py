@@ -137,7 +137,7 @@ def diaropt_system(name: str, overrides: list[str], source: str) -> System:
     return System(name, info, run, command)
 
 
-def senko_system(fbank: str) -> System:
+def senko_system(fbank: str, cold_warmup: bool = True) -> System:
     import senko_runner
 
     diarizer, info = senko_runner.load_diarizer(fbank)
@@ -149,8 +149,10 @@ def senko_system(fbank: str) -> System:
 
     def command(wavs: list[Path], out: Path) -> list[str]:
         return [sys.executable, str(HERE / "senko_runner.py"), *map(str, wavs), "--out", str(out),
-                "--fbank", "kaldi-native-fbank" if info["fbank_substituted"] else "native"]
+                "--fbank", "kaldi-native-fbank" if info["fbank_substituted"] else "native",
+                *([] if cold_warmup else ["--no-warmup"])]
 
+    info["cold_warmup"] = cold_warmup
     system = System(PEER, info, run, command)
     system.parity = diarizer  # kept for the fbank parity measurement
     return system
@@ -296,6 +298,8 @@ def main() -> int:
     parser.add_argument("--recommended", default=None, help='space-separated overrides, e.g. "segmentation.step_s=2"')
     parser.add_argument("--no-peer", action="store_true", help="diaropt only (senko not installed)")
     parser.add_argument("--senko-fbank", choices=("auto", "native", "kaldi-native-fbank"), default="auto")
+    parser.add_argument("--senko-cold-warmup", choices=("on", "off"), default="on",
+                        help="senko's warm-up in its cold runs (on: as its scripts; off: its fastest start)")
     parser.add_argument("--note", action="append", default=[], help="recorded in the results' notes")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "peer.json")
     parser.add_argument("--no-mlflow", action="store_true")
@@ -324,7 +328,7 @@ def main() -> int:
     if recommended is not None:
         systems["recommended"] = diaropt_system("recommended", *recommended)
     if not args.no_peer:
-        systems[PEER] = senko_system(args.senko_fbank)
+        systems[PEER] = senko_system(args.senko_fbank, args.senko_cold_warmup == "on")
         if not systems[PEER].info["fbank_substituted"]:
             import senko_runner
 

