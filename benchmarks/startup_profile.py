@@ -1,0 +1,121 @@
+"""Where ``python -m diaropt diarize one.wav`` spends its time before the first stage (warm caches).
+
+    python benchmarks/startup_profile.py [AUDIO] [--repeats 3] [--out benchmarks/results/startup_profile.json]
+
+Each repeat starts a new process that runs the CLI's own ``main`` with timing wrappers around the
+start-up steps (wall clock, ``time.time()``, shared with this parent): interpreter start, the CLI's
+imports, ``compose``, ``build_models`` (its ``_tool_versions``, ``_torch_modules`` and
+``fusion.stage_specs`` parts, the cache lookups), ONNX Runtime session creation, the warm-up, the
+first stage (``audio``) and the RTTM on disk. The model cache must already hold the configuration's
+models (run the CLI once first); otherwise the first repeat measures a build. Import detail:
+``python -X importtime -m diaropt diarize ...``. Numbers depend on the machine's load (recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS_DIR, environment, spread, write_results
+
+CHILD = r'''
+import json, sys, time
+marks = {"child_start": time.time()}
+import diaropt.__main__ as cli
+from diaropt.backends.base import BackendUnavailable
+from diaropt.config import compose
+from diaropt.data.annotations import write_rttm
+from diaropt.pipeline.timing import StageTimer
+from diaropt.runner import ChunkProgress, load_pipeline
+from diaropt.variants import build, fusion
+marks["imports_done"] = time.time()
+spans = {}
+
+def wrap(owner, name, label):
+    original = getattr(owner, name)
+    def timed(*args, **kwargs):
+        start = time.time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spans[label] = spans.get(label, 0.0) + time.time() - start
+    setattr(owner, name, timed)
+
+import diaropt.config, diaropt.runner, diaropt.backends.onnxruntime as ortb, diaropt.pipeline.diarization as dz
+wrap(diaropt.config, "compose", "compose")
+wrap(build, "_tool_versions", "build.tool_versions")
+wrap(build, "_torch_modules", "build.torch_modules")
+wrap(fusion, "stage_specs", "build.stage_specs")
+wrap(build, "cached_build", "build.cache_lookup")
+import diaropt.variants.build as vb
+wrap(vb, "build_models", "build_models")
+wrap(ortb.OnnxRuntimeModel, "__init__", "ort_session_create")
+wrap(dz.DiarizationPipeline, "warm_up", "warm_up")
+original_stage = StageTimer.stage
+def stage(self, name):
+    if name == "audio" and "first_stage" not in marks:
+        marks["first_stage"] = time.time()
+    return original_stage(self, name)
+StageTimer.stage = stage
+import diaropt.data.annotations as ann
+original_write_rttm = ann.write_rttm
+def write(*args, **kwargs):
+    result = original_write_rttm(*args, **kwargs)
+    marks.setdefault("first_rttm", time.time())
+    return result
+ann.write_rttm = write
+code = cli.main(sys.argv[1:])
+marks["end"] = time.time()
+print("STARTUP_PROFILE " + json.dumps({"marks": marks, "spans": spans, "exit": code}))
+'''
+
+
+def one_run(audio: Path, overrides: list[str]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="startup-") as out:
+        spawn = time.time()
+        done = subprocess.run([sys.executable, "-c", CHILD, "diarize", str(audio), "--out", out, "--no-progress",
+                               *overrides], capture_output=True, text=True, env=os.environ.copy())
+        line = next((l for l in done.stdout.splitlines() if l.startswith("STARTUP_PROFILE ")), None)
+        if done.returncode != 0 or line is None:
+            raise RuntimeError(f"startup run failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    data = json.loads(line.split(" ", 1)[1])
+    marks = {k: v - spawn for k, v in data["marks"].items()}
+    return {"interpreter_start_s": marks["child_start"], "cli_imports_s": marks["imports_done"] - marks["child_start"],
+            **{f"{k}_s": v for k, v in data["spans"].items()},
+            "spawn_to_first_stage_s": marks["first_stage"], "spawn_to_first_rttm_s": marks["first_rttm"],
+            "spawn_to_exit_s": marks["end"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("audio", nargs="?", type=Path, default=None, help="default: pyannote's 30 s sample")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--override", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "startup_profile.json")
+    args = parser.parse_args()
+    audio = args.audio
+    if audio is None:
+        from diaropt.data.datasets import load_dataset
+
+        audio = load_dataset("sample").items[0].audio_path
+    results = {"benchmark": "startup_profile", **environment(), "audio": str(audio), "overrides": args.override}
+    one_run(audio, args.override)  # fills the model cache if needed; not counted
+    runs = []
+    for r in range(args.repeats):
+        runs.append(one_run(audio, args.override))
+        print(f"run {r + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()), flush=True)
+    results["runs"] = runs
+    results["summary"] = {k: spread([run[k] for run in runs]) for k in runs[0]}
+    results["load_average_end"] = os.getloadavg()
+    write_results("startup_profile", results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
