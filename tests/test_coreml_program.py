@@ -221,6 +221,40 @@ def test_fp16_build_keeps_the_fbank_fp32_and_a_full_scale_tone_and_silence_stay_
     np.testing.assert_allclose(out["features"], want, rtol=1e-3, atol=1e-3)
 
 
+class _LinearLogSoftmax(torch.nn.Module):
+    """The segmentation model's head: 7-class log-softmax over a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(16, 7)
+
+    def forward(self, features):
+        return torch.nn.functional.log_softmax(self.linear(features), dim=-1)
+
+
+def test_fp16_build_keeps_the_log_softmax_fp32_so_unlikely_classes_stay_finite(tmp_path):
+    """In fp16 a probability under 6e-8 rounds to 0 and its log to -inf (seen on the segmentation
+    program: 37,261 -inf log-probabilities on pyannote's sample); the head stays fp32."""
+    from diaropt.backends import coreml
+    from diaropt.backends.base import TensorSpec
+    from diaropt.backends.coreml_program import CoreMLProgramModel
+
+    module = _LinearLogSoftmax().eval()
+    path = tmp_path / "head.mlpackage"
+    coreml.convert_coreml(module, (torch.zeros(4, 16),), [TensorSpec("features", (4, 16))],
+                          [TensorSpec("logprobs", (4, 7))], path, precision="fp16")
+    dtypes = coreml.op_dtype_histogram(path)
+    assert "float16" not in dtypes.get("softmax", {}) and "float16" not in dtypes.get("log", {}), dtypes
+    features = (RNG.standard_normal((4, 16)) * 30).astype(np.float32)  # logits tens apart: tiny probabilities
+    out = CoreMLProgramModel(path, "head-test")(features=features)["logprobs"]
+    with torch.no_grad():
+        want = module(torch.from_numpy(features)).numpy()
+    assert want.min() < np.log(6e-8)  # the case: some probabilities fp16 cannot hold
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, want, rtol=2e-2, atol=0.5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Per model, and every variant's ops (slow: conversions)
 

@@ -76,8 +76,14 @@ def in_fbank(op) -> bool:
     return FBANK_MODULE_TYPE in (scopes.get(ScopeSource.TORCHSCRIPT_MODULE_TYPE) or ())
 
 
+#: ops kept fp32 in every fp16 build: the segmentation's log-softmax in fp16 rounds probabilities under
+#: 6e-8 to 0 and their log to -inf (37,261 -inf log-probabilities on pyannote's sample, seen by the
+#: executor); in fp32 they stay finite
+FP32_OUTPUT_OPS = frozenset({"softmax", "log", "reduce_log_sum_exp"})
+
+
 def fbank_in_fp32(compute_precision):
-    """``compute_precision`` with every fbank op kept in fp32.
+    """``compute_precision`` with every fbank op (and the log-softmax ops, :data:`FP32_OUTPUT_OPS`) kept in fp32.
 
     The fbank in fp16 breaks: mel energies of normal speech fall below fp16's normal range, its log
     floor (1.19e-7) is subnormal, a full-scale tone overflows 65504 in the power spectrum, and
@@ -93,7 +99,8 @@ def fbank_in_fp32(compute_precision):
     elif compute_precision != ct.precision.FLOAT16:
         return compute_precision
     return ct.transform.FP16ComputePrecision(
-        op_selector=lambda op: not in_fbank(op) and (inner is None or inner(op)))
+        op_selector=lambda op: (not in_fbank(op) and op.op_type not in FP32_OUTPUT_OPS
+                                and (inner is None or inner(op))))
 
 
 def save_mlpackage(model, path: Path) -> Path:

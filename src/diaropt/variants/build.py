@@ -142,7 +142,7 @@ def cached_build(cache_root: Path, payload: dict[str, Any], filename: str,
     return entry / filename, info
 
 
-COREML_BUILD_REVISION = 2
+COREML_BUILD_REVISION = 3  # 3: log-softmax kept fp32 in fp16 builds
 
 
 def refuse_unbuildable(mode: str) -> None:
