@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from diaropt.data.annotations import DataError, write_rttm
 from diaropt.data.datasets import Dataset, DatasetItem
-from diaropt.metrics import DiarizationScorer
 from diaropt.pipeline.audio import SAMPLE_RATE_HZ, load_audio
 from diaropt.pipeline.cache import ArrayCache
 from diaropt.pipeline.clustering import BaseClustering
@@ -196,6 +195,8 @@ def run_dataset(pipeline: DiarizationPipeline, dataset: Dataset, rttm_dir: Path 
     every file; ``rtfx`` = audio seconds / that total. Median, min and max over repeats are reported
     as ``<metric>`` (median), ``<metric>_min`` and ``<metric>_max``.
     """
+    from diaropt.metrics import DiarizationScorer  # pyannote.metrics (scipy.stats, pandas): only when scoring
+
     scorer = DiarizationScorer()
     rows: list[dict[str, Any]] = []
     outputs: dict[str, DiarizationOutput] = {}

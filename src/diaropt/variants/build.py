@@ -86,14 +86,14 @@ def resolve_backend(name: str) -> str:
 
 
 def _tool_versions() -> dict[str, str]:
-    import coremltools
-    import onnx
-    import onnxruntime
+    """Versions that enter every cache key. Read from the installed distributions' metadata (the same
+    strings as the modules' ``__version__``): importing coremltools only for its version cost ~1 s of
+    every start-up (benchmarks/results/issue19_phase1/issue19_phase1_analysis.md)."""
+    from importlib.metadata import version
 
     from diaropt import __version__
 
-    return {"diaropt": __version__, "torch": torch.__version__, "coremltools": coremltools.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {"diaropt": __version__, **{name: version(name) for name in ("torch", "coremltools", "onnx", "onnxruntime")}}
 
 
 def content_key(payload: dict[str, Any]) -> str:
