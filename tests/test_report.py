@@ -42,6 +42,7 @@ class Store:
             overrides = spec["overrides"]
             tags = {"mlflow.parentRunId": parent.info.run_id, "diaropt.role": "child",
                     "diaropt.overrides": " ".join(overrides + ["tracking.tracking_uri=sqlite\\:////x.db"]),
+                    "diaropt.timing_source": "target", "diaropt.numerics_source": "onnxruntime",
                     **spec.get("tags", {})}
             run = self.client.create_run(self.experiment_id, run_name=",".join(overrides), tags=tags)
             values = dict(o.split("=", 1) for o in overrides)
@@ -155,15 +156,18 @@ def test_no_qualifying_run_is_said_clearly(store):
     assert "**No configuration qualifies.**" in document.markdown()
 
 
-def test_baseline_without_fp32_child_is_the_best_der(store):
+def test_no_fp32_child_means_no_baseline_and_no_ranking(store):
     parent, ids = store.sweep([
         {"name": "fp16", "overrides": ["quant=fp16"], "der": 0.12, "rtfx": 3.0, "parity": OK},
         {"name": "int8", "overrides": ["quant=int8"], "der": 0.11, "rtfx": 4.0, "parity": OK},
     ], "no-fp32")
     _, selection = select(store, parent)
-    assert selection.baseline_run_id == ids["int8"]
-    assert "no finished fp32 child" in selection.baseline_note
-    assert selection.recommended_run_id == ids["int8"]
+    assert selection.baseline_run_id is None  # never silently the best-DER child
+    assert "no finished fp32 child in this sweep" in selection.baseline_note
+    assert selection.recommended_run_id is None
+    markdown = report.build_report(report.load_sweep(EXPERIMENT, parent, store.uri), selection).document.markdown()
+    assert "no finished fp32 child in this sweep" in markdown
+    assert "fp32 baseline" not in markdown
 
 
 def test_sweep_with_no_finished_child_has_no_baseline(store):
