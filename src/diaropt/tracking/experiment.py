@@ -26,8 +26,8 @@ from diaropt.tracking.store import (LOCK_TIMEOUT_S, MAX_RUN_NAME_CHARS, MAX_TAG_
 log = logging.getLogger(__name__)
 
 _OUTCOMES = ("finished", "failed", "skipped", "killed", "running")
-#: The experiment tag that makes the MLflow 3 UI open an experiment on its runs table (without it,
-#: or with ``genai_development``, the UI opens on the GenAI overview: traces, "No data available").
+#: The experiment tag MLflow 3 UIs read to open an experiment on its runs table rather than the
+#: GenAI overview (3.17.2 lets its global GenAI / Model training switch decide instead).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 #: Override prefixes that say where results go or how jobs launch, not what runs.
@@ -69,7 +69,9 @@ class Tracker(Store):
     """The MLflow experiment of the sweeps (see :class:`Store` for opening it).
 
     Opening it tags the experiment ``mlflow.experimentKind = custom_model_development`` (new or
-    existing), so that ``mlflow ui`` opens it on the runs table rather than the GenAI overview.
+    existing): MLflow UIs that read the tag open it on the runs table rather than the GenAI overview.
+    MLflow 3.17.2's UI has a global GenAI / Model training switch that takes precedence (seen with
+    headless Chromium); the README gives the address that lands on the runs table there.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
