@@ -39,7 +39,8 @@ def pareto_figure(frame: pd.DataFrame, selection: Selection | None = None) -> An
     flagged = (done["parity"] == "flagged").to_numpy(dtype=bool)
     unranked = ~rankable & ~flagged
     dominated = rankable & ~front
-    ax.scatter(x[dominated], y[dominated], s=55, color="#aaaaaa", zorder=3, label="dominated")
+    if dominated.any():
+        ax.scatter(x[dominated], y[dominated], s=55, color="#aaaaaa", zorder=3, label="dominated")
     if flagged.any():
         ax.scatter(x[flagged], y[flagged], marker="x", s=80, color="#d62728", zorder=3,
                    label="parity flagged (never on the front)")

@@ -236,7 +236,8 @@ def configurations_section(sweep: Sweep, selection: Selection) -> Section:
         "DER %": [_pct(v) for v in frame["der"]],
         "ΔDER pts": [_pct(cand.loc[r, "der_delta"], True) for r in frame["run_id"]],
         "DER % (FluidAudio)": [_pct(v) for v in metric(frame, "der_fluidaudio")],
-        "RTFx": [_num(v) for v in frame["rtfx"]],
+        "RTFx": [_num(v) + (f" ({s}, not ranked)" if present(v) and s != "target" else "")
+                 for v, s in zip(frame["rtfx"], frame["timing_source"])],
         "RTFx min-max": [f"{a:.2f}-{b:.2f}" if present(a) and present(b) and b > a else "" for a, b in zip(lo, hi)],
         "peak RSS MB": [_num(v / 2**20, 0) if present(v) else "" for v in metric(frame, "peak_rss_bytes")],
         "parity": frame["parity"], "verdict": [verdict(r) for r in frame["run_id"]],

@@ -207,7 +207,7 @@ def select_recommended(frame: pd.DataFrame, tolerance: float = DEFAULT_DER_TOLER
     elif spread_note:
         message = f"no configuration qualifies: {spread_note}"
     elif baseline_id is None:
-        message = f"no configuration qualifies: the baseline: {note}"
+        message = f"no configuration qualifies: without a baseline nothing is ranked (baseline: {note})"
     else:
         message = (f"no configuration qualifies: none of the {len(candidates)} children is finished, within "
                    f"{100 * tolerance:.2f} DER points of the baseline, parity-clean and timed by its own engine "
