@@ -26,7 +26,8 @@ quiet_third_party()  # before coremltools is imported
 
 from diaropt.config import compose, to_container  # noqa: E402
 from diaropt.pipeline.timing import StageTimer  # noqa: E402
-from diaropt.runner import clustering_from_config, dataset_from_config, load_pipeline, params_from_config, run_dataset  # noqa: E402
+from diaropt.runner import (clustering_from_config, dataset_from_config, load_pipeline,  # noqa: E402
+                            params_from_config, run_dataset)
 from diaropt.variants.build import build_models  # noqa: E402
 
 

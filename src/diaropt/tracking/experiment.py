@@ -154,7 +154,8 @@ class Tracker(Store):
                          x_metric: str = "rtfx", y_metric: str | None = None) -> pd.DataFrame:
         """Compare the children on the parent run; returns the table (one row per child).
 
-        Names the parent by its swept axes (:func:`sweep_run_name`). Logs ``summary/children.json`` (MLflow table) and ``summary/children.csv``, the plot
+        Names the parent by its swept axes (:func:`sweep_run_name`). Logs ``summary/children.json``
+        (MLflow table) and ``summary/children.csv``, the plot
         ``summary/comparison.png`` (``x_metric`` vs ``y_metric`` -- by default the first ``der*``
         metric key -- and the stacked ``time_<stage>_s`` of the pipeline ``STAGES`` per child: the
         report's numbers, without model build or warm-up), and the parent metrics
