@@ -404,11 +404,14 @@ def test_parent_named_by_swept_axes_and_plot_without_build(tracker: Tracker,
 
     drawn: list[pd.DataFrame] = []
     real = experiment.comparison_figure
-    monkeypatch.setattr(experiment, "comparison_figure", lambda frame, *a: drawn.append(frame) or real(frame, *a))
+    labels: list[list[str]] = []
+    monkeypatch.setattr(experiment, "comparison_figure",
+                        lambda frame, names, *a: drawn.append(frame) or labels.append(names) or real(frame, names, *a))
     parent_id = tracker.get_or_create_parent("sweep-names", {})
     for quant in ("fp16", "int8"):
         with tracker.start_child(f"quant={quant}", parent_id,
-                                 {"diaropt.overrides": f"quant={quant} tracking.tracking_uri=x"}) as run:
+                                 {"diaropt.overrides": f"quant={quant} tracking.tracking_uri=x",
+                                  "diaropt.timing_source": "target" if quant == "fp16" else "proxy"}) as run:
             run.log_metrics({"der_pyannote": 0.2, "rtfx": 3.0, "time_build_s": 300.0, "time_warmup_s": 5.0,
                              "time_segmentation_s": 1.0, "time_embedding_s": 2.0})
     tracker.summarize_parent(parent_id, ["der_pyannote", "rtfx"], [])
@@ -417,3 +420,4 @@ def test_parent_named_by_swept_axes_and_plot_without_build(tracker: Tracker,
     columns = set(drawn[0].columns)
     assert {"metrics.time_segmentation_s", "metrics.time_embedding_s"} <= columns
     assert not {"metrics.time_build_s", "metrics.time_warmup_s"} & columns
+    assert labels[0] == ["quant=fp16", "quant=int8 [timing proxy]"]

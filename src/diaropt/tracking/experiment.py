@@ -17,6 +17,7 @@ from diaropt.figures import comparison_figure, shorten
 from diaropt.keys import (STAGES, TAG_CLOSED_REASON, TAG_ERROR_TYPE, TAG_HOST, TAG_OVERRIDES, TAG_PARENT, TAG_PID,
                           TAG_PID_START, TAG_ROLE, TAG_SKIP_REASON, TAG_SKIPPED, TAG_SWEEP_ID, TAG_SWEEP_KEY,
                           stage_of)
+from diaropt.provenance import TIMING_TAG
 from diaropt.tracking.flatten import str_tags, truncate
 from diaropt.tracking.host import hostname, pid_alive, process_tags
 from diaropt.tracking.run import TERMINAL_STATUSES, JobRun
@@ -179,8 +180,10 @@ class Tracker(Store):
         if len(table):
             if y_metric is None:
                 y_metric = next((k for k in metric_keys if k.lower().startswith("der")), "der")
+            timing = runs.get(f"tags.{TIMING_TAG}", pd.Series(None, index=runs.index)).tolist()
             labels = [shorten(name or run_id, 48) + ("" if o == "finished" else f" [{o}]")
-                      for name, run_id, o in zip(table["run_name"], table["run_id"], table["outcome"])]
+                      + (f" [timing {t}]" if isinstance(t, str) and t != "target" else "")  # as the report says
+                      for name, run_id, o, t in zip(table["run_name"], table["run_id"], table["outcome"], timing)]
             not_pipeline = [c for c in runs.columns if c.startswith("metrics.")
                             and (stage := stage_of(c.removeprefix("metrics."))) is not None and stage not in STAGES]
             parent.log_figure(comparison_figure(runs.drop(columns=not_pipeline), labels, x_metric, y_metric),
