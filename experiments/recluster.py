@@ -20,10 +20,15 @@ import logging
 import time
 from pathlib import Path
 
-from diaropt.config import compose, to_container
-from diaropt.pipeline.timing import StageTimer
-from diaropt.runner import clustering_from_config, dataset_from_config, load_pipeline, params_from_config, run_dataset
-from diaropt.variants.build import build_models
+from diaropt.quiet import quiet_third_party
+
+quiet_third_party()  # before coremltools is imported
+
+from diaropt.config import compose, to_container  # noqa: E402
+from diaropt.pipeline.timing import StageTimer  # noqa: E402
+from diaropt.runner import (clustering_from_config, dataset_from_config, load_pipeline,  # noqa: E402
+                            params_from_config, run_dataset)
+from diaropt.variants.build import build_models  # noqa: E402
 
 
 def expand(grid: str) -> list[list[str]]:

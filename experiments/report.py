@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import sys
 
-from diaropt.report import main
+from diaropt.quiet import quiet_third_party
+
+quiet_third_party()  # before coremltools is imported
+
+from diaropt.report import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

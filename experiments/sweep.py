@@ -11,11 +11,15 @@ Axes and their options: conf/ (one group per axis); schema and validation: src/d
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+from diaropt.quiet import quiet_third_party
 
-from diaropt.config import CONF_DIR, register_configs
-from diaropt.sweep import run_job
+quiet_third_party()  # before coremltools is imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from diaropt.config import CONF_DIR, register_configs  # noqa: E402
+from diaropt.sweep import run_job  # noqa: E402
 
 register_configs()
 

@@ -45,6 +45,7 @@ def test_diarize_processes_every_file_whatever_its_name(tmp_path: Path, assets, 
     assert f"{tmp_path / 'blocked.wav'}" in captured.err and "Is a directory" in captured.err
     summary = json.loads(captured.out[captured.out.index("{"):])
     assert summary["files"] == 3 and summary["failed"] == 2
+    assert f"3 RTTM file(s) written to {out.resolve()}; 2 file(s) failed" in captured.err  # where they went
     assert sorted(p.name for p in out.iterdir()) == sorted(["my_meeting.rttm", f"{NFC}.rttm", "other.rttm",
                                                             "blocked.rttm"])
     assert (out / "blocked.rttm").is_dir() and not list((out / "blocked.rttm").iterdir())

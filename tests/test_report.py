@@ -42,6 +42,7 @@ class Store:
             overrides = spec["overrides"]
             tags = {"mlflow.parentRunId": parent.info.run_id, "diaropt.role": "child",
                     "diaropt.overrides": " ".join(overrides + ["tracking.tracking_uri=sqlite\\:////x.db"]),
+                    "diaropt.timing_source": "target", "diaropt.numerics_source": "onnxruntime",
                     **spec.get("tags", {})}
             run = self.client.create_run(self.experiment_id, run_name=",".join(overrides), tags=tags)
             values = dict(o.split("=", 1) for o in overrides)
@@ -155,15 +156,51 @@ def test_no_qualifying_run_is_said_clearly(store):
     assert "**No configuration qualifies.**" in document.markdown()
 
 
-def test_baseline_without_fp32_child_is_the_best_der(store):
+def test_no_fp32_child_means_no_baseline_and_no_ranking(store):
     parent, ids = store.sweep([
         {"name": "fp16", "overrides": ["quant=fp16"], "der": 0.12, "rtfx": 3.0, "parity": OK},
         {"name": "int8", "overrides": ["quant=int8"], "der": 0.11, "rtfx": 4.0, "parity": OK},
     ], "no-fp32")
     _, selection = select(store, parent)
-    assert selection.baseline_run_id == ids["int8"]
-    assert "no finished fp32 child" in selection.baseline_note
-    assert selection.recommended_run_id == ids["int8"]
+    assert selection.baseline_run_id is None  # never silently the best-DER child
+    assert "no finished fp32 child in this sweep" in selection.baseline_note
+    assert selection.recommended_run_id is None
+    markdown = report.build_report(report.load_sweep(EXPERIMENT, parent, store.uri), selection).document.markdown()
+    assert "no finished fp32 child in this sweep" in markdown
+    assert "fp32 baseline" not in markdown
+
+
+PROXY_REASON = "quant=int8 is a Core ML weight compression: ONNX Runtime runs its dequantized weights in fp32"
+
+
+def test_speed_ranked_only_among_comparable_target_timings(store, tmp_path):
+    parent, ids = store.sweep([
+        {"name": "fp32", "overrides": ["quant=fp32"], "der": 0.100, "rtfx": 2.0, "parity": OK},
+        {"name": "fp16", "overrides": ["quant=fp16"], "der": 0.101, "rtfx": 2.1, "parity": OK},  # inside spread
+        {"name": "fp16_sel", "overrides": ["quant=fp16_selective"], "der": 0.100, "rtfx": 4.0, "parity": OK},
+        {"name": "int8", "overrides": ["quant=int8"], "der": 0.100, "rtfx": 5.0, "parity": OK,
+         "tags": {"diaropt.timing_source": "proxy", "diaropt.timing_source_reason": PROXY_REASON}},
+        {"name": "flagged", "overrides": ["quant=int4"], "der": 0.090, "rtfx": 6.0, "parity": FLAGGED},
+    ], "provenance")
+    for run_id in ids.values():
+        store.client.log_param(run_id, "backend.resolved", "onnxruntime")
+        level = "extended" if run_id == ids["fp16_sel"] else "all"
+        store.client.log_param(run_id, "ort_optimization_level.embedding", level)
+    sweep, selection = select(store, parent)
+    verdict = selection.candidates.set_index("run_id")["reason"]
+    assert selection.baseline_run_id == ids["fp32"]
+    assert verdict[ids["int8"]] == "timing proxy: not ranked by speed"
+    assert "not comparable" in verdict[ids["fp16_sel"]] and "embedding=extended" in verdict[ids["fp16_sel"]]
+    assert verdict[ids["fp16"]] == "RTFx advantage inside the measured spread over repeats"
+    assert selection.recommended_run_id is None
+    assert "inside the measured min-max spread" in selection.message
+    done = report.scored(sweep.runs).set_index("run_id")
+    assert not done.loc[ids["int8"], "on_front"] and not done.loc[ids["flagged"], "on_front"]
+    assert done.loc[ids["fp16_sel"], "on_front"]
+    markdown = report.build_report(sweep, selection).document.markdown()
+    assert "backend(s) `onnxruntime`; numerics source(s) `onnxruntime`" in markdown
+    assert "## Compared without speed" in markdown and PROXY_REASON in markdown
+    assert "never on the front: `quant=int8` (timing proxy), `quant=int4` (parity flagged)" in markdown
 
 
 def test_sweep_with_no_finished_child_has_no_baseline(store):

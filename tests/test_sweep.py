@@ -43,6 +43,9 @@ def test_multirun_logs_one_parent_and_a_child_per_quant_value(tmp_path):
                 "missed_pyannote", "jer_pyannote", "peak_rss_bytes", "embedding_model_size_bytes"):
         assert children[f"metrics.{key}"].notna().all(), key
     assert (children["metrics.der_pyannote"] < 1).all()
+    assert (children["metrics.der_pyannote_pct"] == 100 * children["metrics.der_pyannote"]).all()
+    assert parents["tags.mlflow.runName"].iloc[0].startswith("quant=fp32,fp16 @ ")  # named by the swept axis
+    assert "libcoremlpython" not in result.stderr and "has not been tested with coremltools" not in result.stderr
     # parity against the fp32 torch reference: fp32 ONNX Runtime matches it to float rounding
     fp32 = children[children["params.quant.mode"] == "fp32"].iloc[0]
     assert fp32["metrics.parity_emb_cos_min"] > 0.9999 and fp32["metrics.parity_ok"] == 1

@@ -381,3 +381,43 @@ def test_log_metrics_rejects_non_numbers(tracker: Tracker) -> None:
     assert [(m.step, m.value) for m in history] == [(3, 1.0), (4, 0.5)]
     assert isinstance(run, JobRun) and run.status == "FINISHED"
     assert pd.api.types.is_number(tracker.client.get_run(run.run_id).data.metrics["loss"])
+
+
+# --- what the MLflow UI shows -------------------------------------------------------------------
+
+
+def test_experiment_opens_on_runs_table(store_uri: str) -> None:
+    """New and existing experiments get ``mlflow.experimentKind = custom_model_development``."""
+    from diaropt.tracking.experiment import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    client = MlflowClient(store_uri)
+    existing = client.create_experiment("made-elsewhere")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(existing).tags
+    for name in ("made-elsewhere", "brand-new"):
+        tracker = Tracker(store_uri, name)
+        assert client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_parent_named_by_swept_axes_and_plot_without_build(tracker: Tracker,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from diaropt.tracking import experiment
+
+    drawn: list[pd.DataFrame] = []
+    real = experiment.comparison_figure
+    labels: list[list[str]] = []
+    monkeypatch.setattr(experiment, "comparison_figure",
+                        lambda frame, names, *a: drawn.append(frame) or labels.append(names) or real(frame, names, *a))
+    parent_id = tracker.get_or_create_parent("sweep-names", {})
+    for quant in ("fp16", "int8"):
+        with tracker.start_child(f"quant={quant}", parent_id,
+                                 {"diaropt.overrides": f"quant={quant} tracking.tracking_uri=x",
+                                  "diaropt.timing_source": "target" if quant == "fp16" else "proxy"}) as run:
+            run.log_metrics({"der_pyannote": 0.2, "rtfx": 3.0, "time_build_s": 300.0, "time_warmup_s": 5.0,
+                             "time_segmentation_s": 1.0, "time_embedding_s": 2.0})
+    tracker.summarize_parent(parent_id, ["der_pyannote", "rtfx"], [])
+    name = MlflowClient().get_run(parent_id).info.run_name
+    assert name.startswith("quant=fp16,int8 @ ") and name.endswith(" UTC")
+    columns = set(drawn[0].columns)
+    assert {"metrics.time_segmentation_s", "metrics.time_embedding_s"} <= columns
+    assert not {"metrics.time_build_s", "metrics.time_warmup_s"} & columns
+    assert labels[0] == ["quant=fp16", "quant=int8 [timing proxy]"]

@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from diaropt.quiet import quiet_third_party
+
 log = logging.getLogger("diaropt")
 
 
@@ -119,11 +121,15 @@ def diarize(argv: list[str]) -> int:
                **{k: round(v, 4) for k, v in timer.metrics(audio_duration_s).items()},
                "written": written, "failed_files": failed}
     print(json.dumps(summary, indent=1))
+    # stderr: stdout stays one JSON document
+    print(f"{len(written)} RTTM file(s) written to {args.out.resolve()}"
+          + (f"; {len(failed)} file(s) failed (see the errors above)" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_third_party()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"diarize": diarize}
     if not argv or argv[0] not in commands:

@@ -32,6 +32,7 @@ def stage_of(metric: str) -> str | None:
 # --- metrics ---------------------------------------------------------------------------------------
 
 DER_METRIC = "der_pyannote"  # a fraction, pyannote's convention (collar 0, overlap scored)
+DER_PCT_METRIC = "der_pyannote_pct"  # the same DER in percent, for the MLflow UI's columns
 DER_FLUIDAUDIO_METRIC = "der_fluidaudio"
 RTFX_METRIC = "rtfx"
 TIME_TOTAL = "time_total_s"
@@ -43,7 +44,7 @@ PARITY_METRICS = ("parity_seg_max_abs_diff", "parity_seg_powerset_agreement", "p
                   "parity_emb_cos_mean", "parity_der_delta", PARITY_OK)
 
 #: The metrics the parent run's comparison table shows.
-SUMMARY_METRICS = [DER_METRIC, DER_FLUIDAUDIO_METRIC, "jer_pyannote", RTFX_METRIC, TIME_TOTAL,
+SUMMARY_METRICS = [DER_METRIC, DER_PCT_METRIC, DER_FLUIDAUDIO_METRIC, "jer_pyannote", RTFX_METRIC, TIME_TOTAL,
                    *(time_metric(s) for s in ("compile", "segmentation", "embedding", "clustering", "postprocess")),
                    "embedding_coreml_slice_by_index_ops", "embedding_model_size_bytes", PEAK_RSS,
                    "parity_emb_cos_min", "parity_seg_powerset_agreement", "parity_der_delta", PARITY_OK]

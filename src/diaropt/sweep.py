@@ -24,9 +24,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from diaropt.config import REPO_ROOT, to_container, validate
-from diaropt.keys import (AXIS_TAG_PREFIX, DER_FLUIDAUDIO_METRIC, DER_METRIC, PARITY_OK, PEAK_RSS, RTFX_METRIC, STAGES,
-                          SUMMARY_METRICS, SUMMARY_PARAMS, TAG_JOB_NUM, TAG_OVERRIDES, TAG_PARITY_FLAG, TAG_SWEEP_DIR,
-                          TAG_TIMINGS_COMPARABLE, TAG_TIMINGS_NOTE, TIME_BUILD, time_metric)
+from diaropt.keys import (AXIS_TAG_PREFIX, DER_FLUIDAUDIO_METRIC, DER_METRIC, DER_PCT_METRIC, PARITY_OK, PEAK_RSS,
+                          RTFX_METRIC, STAGES, SUMMARY_METRICS, SUMMARY_PARAMS, TAG_JOB_NUM, TAG_OVERRIDES,
+                          TAG_PARITY_FLAG, TAG_SWEEP_DIR, TAG_TIMINGS_COMPARABLE, TAG_TIMINGS_NOTE, TIME_BUILD,
+                          time_metric)
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ def _run_logged(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[st
                              keep_arrays=cfg.parity.enabled)
         progress.close()
     metrics = {**result.aggregate, PEAK_RSS: float(memory.peak_bytes)}
+    metrics[DER_PCT_METRIC] = 100 * metrics[DER_METRIC]  # the UI shows percent without arithmetic
     executor_rtfx = metrics.get(RTFX_METRIC)
     if not source.logs_timings:  # numbers from the executor: its timings are not the target's
         metrics = without_timings(metrics)

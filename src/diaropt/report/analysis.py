@@ -39,9 +39,17 @@ def pareto_front(der: Sequence[float], rtfx: Sequence[float]) -> np.ndarray:
 
 
 def scored(frame: pd.DataFrame) -> pd.DataFrame:
-    """Finished children with both DER and RTFx, plus an ``on_front`` column."""
+    """Finished children with both DER and RTFx, plus ``rankable`` (timing source ``target`` and parity
+    not flagged) and ``on_front`` (the Pareto front of the rankable ones only: a proxy timing or a
+    parity-flagged run is never on it)."""
     done = frame[(frame["outcome"] == "finished") & frame["der"].notna() & frame["rtfx"].notna()].copy()
-    done["on_front"] = pareto_front(done["der"], done["rtfx"]) if len(done) else []
+    source = done["timing_source"] if "timing_source" in done.columns else pd.Series("target", index=done.index)
+    done["rankable"] = (source == "target") & (done["parity"] != "flagged")
+    front = np.zeros(len(done), dtype=bool)
+    rankable = done["rankable"].to_numpy(dtype=bool)
+    if rankable.any():
+        front[rankable] = pareto_front(done["der"][rankable], done["rtfx"][rankable])
+    done["on_front"] = front
     return done
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from diaropt.config import REPO_ROOT
+from diaropt.quiet import quiet_third_party
 from diaropt.keys import TAG_RECOMMENDED, TAG_RECOMMENDED_RUN
 from diaropt.report.load import Sweep, column, load_sweep
 from diaropt.report.preset import install_preset, preset_check
@@ -55,6 +56,7 @@ def make_report(experiment_name: str = "diaropt", parent_run_id: str | None = No
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``experiments/report.py``."""
+    quiet_third_party()
     parser = argparse.ArgumentParser(prog="experiments/report.py", description="Team review of one sweep, read "
                                      "from MLflow: recommendation, Pareto front, timing breakdown, axis effects, parity.")
     parser.add_argument("experiment", nargs="?", default="diaropt", help="MLflow experiment name (default diaropt)")

@@ -35,7 +35,18 @@ def pareto_figure(frame: pd.DataFrame, selection: Selection | None = None) -> An
         ax.errorbar(x[spread], y[spread], xerr=[x[spread] - lo[spread], hi[spread] - x[spread]], fmt="none",
                     ecolor="#999999", elinewidth=1, capsize=3, label="RTFx min-max over repeats")
     front = done["on_front"].to_numpy(dtype=bool)
-    ax.scatter(x[~front], y[~front], s=55, color="#aaaaaa", zorder=3, label="dominated")
+    rankable = done["rankable"].to_numpy(dtype=bool)
+    flagged = (done["parity"] == "flagged").to_numpy(dtype=bool)
+    unranked = ~rankable & ~flagged
+    dominated = rankable & ~front
+    if dominated.any():
+        ax.scatter(x[dominated], y[dominated], s=55, color="#aaaaaa", zorder=3, label="dominated")
+    if flagged.any():
+        ax.scatter(x[flagged], y[flagged], marker="x", s=80, color="#d62728", zorder=3,
+                   label="parity flagged (never on the front)")
+    if unranked.any():
+        ax.scatter(x[unranked], y[unranked], marker="^", s=70, facecolors="none", edgecolors="#8c564b", zorder=3,
+                   label="timing proxy / not target (not ranked by speed)")
     ax.scatter(x[front], y[front], s=70, color="#1f77b4", zorder=4, label="Pareto front")
     order = np.argsort(x[front])
     ax.plot(x[front][order], y[front][order], color="#1f77b4", lw=1.5, zorder=2)
@@ -48,7 +59,7 @@ def pareto_figure(frame: pd.DataFrame, selection: Selection | None = None) -> An
         ax.axhspan(ax.get_ylim()[0], 100 * (base["der"] + selection.tolerance), color="#2ca02c", alpha=0.10,
                    zorder=0, label=f"within {100 * selection.tolerance:.2f} DER pts of the baseline")
         ax.scatter([base["rtfx"]], [100 * base["der"]], s=200, facecolors="none", edgecolors="black", lw=1.8,
-                   zorder=5, label="fp32 baseline")
+                   zorder=5, label=f"baseline ({shorten(str(base['label']), 30)})")
     if selection is not None and selection.recommended is not None:
         rec = selection.recommended
         ax.scatter([rec["rtfx"]], [100 * rec["der"]], marker="*", s=380, color="#d62728", zorder=6,

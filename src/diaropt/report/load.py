@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from diaropt.config import REPO_ROOT
 from diaropt.keys import (AXIS_TAG_PREFIX, DER_METRIC, RTFX_METRIC, TAG_OVERRIDES, TAG_PARENT, TAG_PARITY_FLAG,
                           TAG_ROLE, TAG_SKIPPED)
+from diaropt.provenance import NUMERICS_TAG, TIMING_REASON_TAG, TIMING_TAG
 from diaropt.tracking import check_run_id, outcome, resolve_tracking_uri, retry_locked, search_runs, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -179,4 +180,22 @@ def annotate(frame: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.DataF
     frame["rtfx"] = metric(frame, RTFX_METRIC)
     frame["parity"] = [parity_status(r) for r in records]
     frame["parity_flag"] = column(frame, f"tags.{TAG_PARITY_FLAG}")
+    frame["timing_source"] = [_text(r.get(f"tags.{TIMING_TAG}"), "unrecorded") for r in records]
+    frame["timing_reason"] = [_text(r.get(f"tags.{TIMING_REASON_TAG}"), "") for r in records]
+    frame["numerics_source"] = [_text(r.get(f"tags.{NUMERICS_TAG}"), "unrecorded") for r in records]
+    frame["timing_group"] = [timing_group(r) for r in records]
     return frame
+
+
+def _text(value: Any, default: str) -> str:
+    return value if isinstance(value, str) and value else default
+
+
+def timing_group(row: Mapping[str, Any]) -> str:
+    """What two runs must share for their timings to be compared: engine (``backend.resolved``), host
+    (CPU model, else host name) and every model's ONNX Runtime optimization level."""
+    backend = _text(row.get("params.backend.resolved"), "backend ?")
+    host = _text(row.get("tags.host.cpu_model"), _text(row.get("tags.diaropt.host"), "host ?"))
+    levels = sorted(f"{k.removeprefix('params.ort_optimization_level.')}={v}" for k, v in row.items()
+                    if k.startswith("params.ort_optimization_level.") and isinstance(v, str))
+    return "; ".join([backend, host, *(["ORT " + ",".join(levels)] if levels else [])])

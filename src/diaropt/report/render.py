@@ -123,10 +123,49 @@ def overview_section(sweep: Sweep) -> Section:
         f"parent run `{sweep.parent_run_id}` in experiment `{sweep.experiment_name}` ({sweep.tracking_uri})",
         f"{len(frame)} children: " + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())),
         "swept axes: " + (", ".join(f"`{a}`" for a in sweep.axes) or "none (a single configuration)"),
+        "measured by: " + _sources(frame),
         f"host: {host if isinstance(host, str) else 'unknown'}; git commit "
         f"`{str(first.get('tags.git.commit', 'unknown'))[:12]}`",
         f"generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `python experiments/report.py`",
     ])
+    return section
+
+
+def _sources(frame: pd.DataFrame) -> str:
+    """"backend(s) `onnxruntime`; numerics source(s) `onnxruntime`; timing source(s) 3 target, 1 proxy"."""
+    backends = sorted({v for v in frame.get("params.backend.resolved", pd.Series(dtype=object)) if isinstance(v, str)})
+    numerics = sorted(set(frame["numerics_source"]))
+    timing = frame["timing_source"].value_counts().to_dict()
+    return ("backend(s) " + (", ".join(f"`{b}`" for b in backends) or "unrecorded") + "; numerics source(s) "
+            + ", ".join(f"`{n}`" for n in numerics) + "; timing source(s) "
+            + ", ".join(f"{n} `{t}`" for t, n in sorted(timing.items())))
+
+
+def unranked_section(sweep: Sweep, selection: Selection) -> Section | None:
+    """Runs whose timings are not the target's own (``proxy``, ``not_measured``): compared on DER,
+    parity, size and op counts only, with the reason from their ``diaropt.timing_source_reason`` tag."""
+    frame = sweep.runs[sweep.runs["timing_source"] != "target"]
+    if frame.empty:
+        return None
+    cand = selection.candidates.set_index("run_id")
+    section = Section("Compared without speed (timings not the target's own)")
+    section.para("These runs are not ranked by RTFx: their timing was measured by another engine or precision "
+                 "standing in for the configuration (`proxy`), or not measured at all (`not_measured`). Compare "
+                 "them on accuracy, parity, size and op counts only.")
+    size = metric(frame, "embedding_model_size_bytes")
+    table = pd.DataFrame({
+        "run": [f"`{r[:8]}`" for r in frame["run_id"]], "label": frame["label"],
+        "timing": frame["timing_source"], "numerics": frame["numerics_source"],
+        "DER %": [_pct(v) for v in frame["der"]],
+        "ΔDER pts": [_pct(cand.loc[r, "der_delta"], True) for r in frame["run_id"]],
+        "parity": frame["parity"],
+        "embedding MB": [_num(v / 2**20, 1) if present(v) else "" for v in size],
+        "slice_by_index ops": [_num(v, 0) for v in metric(frame, "embedding_coreml_slice_by_index_ops")],
+    })
+    section.table(table)
+    reasons = sorted({(lab, why) for lab, why in zip(frame["label"], frame["timing_reason"]) if why})
+    if reasons:
+        section.bullets([f"`{lab}`: {why}" for lab, why in reasons])
     return section
 
 
@@ -156,7 +195,10 @@ def recommendation_section(sweep: Sweep, selection: Selection, preset_check: str
         section.para(f"Baseline: {selection.baseline_note}.")
     section.para(f"Rule: the highest RTFx among finished, non-skipped children whose DER ({DER_METRIC}) is at most the "
                  f"baseline's plus {100 * selection.tolerance:.2f} points and whose parity check passed "
-                 f"(`parity_ok = 1`); children without parity metrics count as unchecked and are "
+                 f"(`parity_ok = 1`), among runs timed by their own engine and precision (`diaropt.timing_source = "
+                 f"target`) on the baseline's engine, host and ONNX Runtime optimization levels; an RTFx advantage "
+                 f"inside the measured min-max spread over repeats is not a win. Children without parity metrics "
+                 f"count as unchecked and are "
                  + ("eligible (`--allow-unchecked`)." if selection.allow_unchecked
                     else "not eligible unless they are the baseline."))
     if rec is not None:
@@ -194,7 +236,8 @@ def configurations_section(sweep: Sweep, selection: Selection) -> Section:
         "DER %": [_pct(v) for v in frame["der"]],
         "ΔDER pts": [_pct(cand.loc[r, "der_delta"], True) for r in frame["run_id"]],
         "DER % (FluidAudio)": [_pct(v) for v in metric(frame, "der_fluidaudio")],
-        "RTFx": [_num(v) for v in frame["rtfx"]],
+        "RTFx": [_num(v) + (f" ({s}, not ranked)" if present(v) and s != "target" else "")
+                 for v, s in zip(frame["rtfx"], frame["timing_source"])],
         "RTFx min-max": [f"{a:.2f}-{b:.2f}" if present(a) and present(b) and b > a else "" for a, b in zip(lo, hi)],
         "peak RSS MB": [_num(v / 2**20, 0) if present(v) else "" for v in metric(frame, "peak_rss_bytes")],
         "parity": frame["parity"], "verdict": [verdict(r) for r in frame["run_id"]],
@@ -209,7 +252,15 @@ def pareto_section(sweep: Sweep, selection: Selection) -> Section:
     section = Section("Pareto front: DER vs RTFx")
     section.image("pareto.png", pareto_figure(sweep.runs, selection), "DER vs RTFx; Pareto front joined")
     done = scored(sweep.runs)
-    if len(done):
+    missing = sweep.runs[(sweep.runs["outcome"] == "finished") & ~sweep.runs["run_id"].isin(done["run_id"])]
+    if len(missing):
+        section.para("Not drawn (no DER or no RTFx): " + ", ".join(f"`{lab}`" for lab in missing["label"]) + ".")
+    unranked = done[~done["rankable"]]
+    if len(unranked):
+        section.para("Drawn apart and never on the front: " + ", ".join(
+            f"`{r.label}` ({'parity flagged' if r.parity == 'flagged' else 'timing ' + r.timing_source})"
+            for r in unranked.itertuples()) + ".")
+    if done["on_front"].any():
         front = done[done["on_front"]].sort_values("rtfx")
         section.para("On the front (no other configuration is both at least as fast and at least as accurate): "
                      + ", ".join(f"`{r.label}` (RTFx {r.rtfx:.2f}, DER {100 * r.der:.2f} %)"
@@ -326,7 +377,9 @@ def recommended_preset(sweep: Sweep, selection: Selection) -> tuple[str | None, 
 def build_report(sweep: Sweep, selection: Selection, preset_check: str | None = None) -> Report:
     """The Markdown/HTML document of a sweep and its selection (figures included as PNGs)."""
     sections = [overview_section(sweep), recommendation_section(sweep, selection, preset_check),
-                configurations_section(sweep, selection), pareto_section(sweep, selection), timing_section(sweep),
+                configurations_section(sweep, selection), unranked_section(sweep, selection),
+                pareto_section(sweep, selection), timing_section(sweep),
                 axes_section(sweep), parity_section(sweep), notes_section(selection)]
     name, text = recommended_preset(sweep, selection)
+    sections = [s for s in sections if s is not None]
     return Report(Document(f"Report: {sweep.parent_name}", sections), selection, name, text)

@@ -61,14 +61,15 @@ def _quant_mode(row: Mapping[str, object]) -> str | None:
 
 def choose_baseline(frame: pd.DataFrame, axes: Sequence[str], defaults: Mapping[str, str]) -> tuple[str | None, str]:
     """(run id, how it was chosen) of the fp32 baseline: the finished fp32 child with the default value
-    of every other swept axis (best DER among those), else the best-DER fp32 child, else the best-DER child."""
+    of every other swept axis (best DER among those), else the best-DER fp32 child, else None (no fp32
+    child: the note says so)."""
     usable = frame[(frame["outcome"] == "finished") & frame["der"].notna()]
     if usable.empty:
         return None, "no finished child has a DER: there is no baseline"
     fp32 = usable[[_quant_mode(r) == "fp32" for r in usable.to_dict("records")]]
-    if fp32.empty:
-        best = usable.sort_values(["der", "rtfx"], ascending=[True, False]).iloc[0]
-        return best["run_id"], "the child with the best DER: this sweep has no finished fp32 child"
+    if fp32.empty:  # never silently another child: the DER tolerance and speed-ups need an fp32 reference
+        return None, ("there is none: no finished fp32 child in this sweep (add quant=fp32 to the sweep, e.g. "
+                      "`-m quant=fp32,fp16,int8`, to get one); no configuration is ranked against another")
     others = [a for a in axes if a != "quant"]
 
     def is_default(row: Mapping[str, object]) -> bool:
@@ -119,29 +120,45 @@ class Selection:
         return self.row(self.baseline_run_id)
 
 
-def _verdict(row: Mapping[str, object], baseline_id: str | None, base_der: float, tolerance: float,
+def _verdict(row: Mapping[str, object], baseline: Mapping[str, object] | None, tolerance: float,
              allow_unchecked: bool) -> str:
-    """Why a child is not eligible ("" if it is)."""
+    """Why a child is not eligible ("" if it is). Speed is only compared among ``target`` timings of
+    the baseline's engine, host and ONNX Runtime optimization levels (``timing_group``)."""
     der, rtfx = row["der"], row["rtfx"]
     if row["outcome"] != "finished":
         skip = row.get(f"tags.{TAG_SKIP_REASON}")
         return str(row["outcome"]) + (f": {skip}" if isinstance(skip, str) and skip else "")
     if math.isnan(der):
         return f"no {DER_METRIC}"
-    if math.isnan(rtfx):
-        return f"no {RTFX_METRIC}"
-    if baseline_id is None:
+    if baseline is None:
         return "no baseline"
+    base_der = float(baseline["der"])
     if der > base_der + tolerance + 1e-12:
         return f"DER {100 * (der - base_der):+.2f} pts vs baseline (tolerance {100 * tolerance:.2f})"
     if row["parity"] == "flagged":
         flag = row.get("parity_flag")
         return f"parity flagged ({flag})" if isinstance(flag, str) and flag else "parity flagged (parity_ok=0)"
-    if row["parity"] == "unchecked" and row["run_id"] != baseline_id and not allow_unchecked:
+    if row["parity"] == "unchecked" and row["run_id"] != baseline["run_id"] and not allow_unchecked:
         return "parity not checked"
+    source = row.get("timing_source", "unrecorded")
+    if source != "target":
+        return f"timing {source}: not ranked by speed"
+    if math.isnan(rtfx):
+        return f"no {RTFX_METRIC}"
+    if row.get("timing_group") != baseline.get("timing_group"):
+        return f"timed on {row.get('timing_group')}, baseline on {baseline.get('timing_group')}: not comparable"
     if row.get(f"tags.{TAG_TIMINGS_COMPARABLE}") == "false":
         return "timings not comparable (array cache)"
     return ""
+
+
+def inside_spread(faster: Mapping[str, object], slower: Mapping[str, object]) -> bool | None:
+    """Whether ``faster``'s RTFx advantage over ``slower`` is inside the measured spread over repeats
+    (``faster``'s ``rtfx_min`` <= ``slower``'s ``rtfx_max``); None when either spread was not measured."""
+    lo, hi = faster.get("metrics.rtfx_min"), slower.get("metrics.rtfx_max")
+    if not (isinstance(lo, float) and isinstance(hi, float)) or math.isnan(lo) or math.isnan(hi):
+        return None
+    return lo <= hi
 
 
 def select_recommended(frame: pd.DataFrame, tolerance: float = DEFAULT_DER_TOLERANCE, allow_unchecked: bool = False,
@@ -154,26 +171,47 @@ def select_recommended(frame: pd.DataFrame, tolerance: float = DEFAULT_DER_TOLER
     axes = list(axes) if axes is not None else swept_axes(frame)
     defaults = dict(defaults) if defaults is not None else {}
     baseline_id, note = choose_baseline(frame, axes, defaults) if len(frame) else (None, "the sweep has no child")
-    base_der = float(frame.loc[frame["run_id"] == baseline_id, "der"].iloc[0]) if baseline_id else math.nan
+    records = {r["run_id"]: r for r in frame.to_dict("records")}
+    baseline = records.get(baseline_id) if baseline_id else None
+    base_der = float(baseline["der"]) if baseline is not None else math.nan
     rows = []
-    for row in frame.to_dict("records"):
-        reason = _verdict(row, baseline_id, base_der, tolerance, allow_unchecked)
+    for row in records.values():
+        reason = _verdict(row, baseline, tolerance, allow_unchecked)
         rows.append({"run_id": row["run_id"], "label": row["label"], "outcome": row["outcome"], "der": row["der"],
                      "der_delta": row["der"] - base_der, "rtfx": row["rtfx"], "parity": row["parity"],
+                     "timing_source": row.get("timing_source", "unrecorded"),
                      "is_baseline": row["run_id"] == baseline_id, "eligible": not reason, "reason": reason})
     candidates = pd.DataFrame(rows, columns=["run_id", "label", "outcome", "der", "der_delta", "rtfx", "parity",
-                                             "is_baseline", "eligible", "reason"])
+                                             "timing_source", "is_baseline", "eligible", "reason"])
     recommended = _best(candidates[candidates["eligible"]])
     alternative = _best(candidates[candidates["eligible"] | (candidates["reason"] == "parity not checked")])
+    spread_note = ""
+    if recommended is not None and recommended != baseline_id and baseline is not None:
+        within = inside_spread(records[recommended], baseline)
+        label = records[recommended]["label"]
+        if within:
+            spread_note = (f"`{label}`'s RTFx advantage over the baseline is inside the measured min-max spread "
+                           "over repeats: not a win, so no configuration is preferred to the baseline")
+            candidates.loc[candidates["run_id"] == recommended, ["eligible", "reason"]] = (
+                False, "RTFx advantage inside the measured spread over repeats")
+            recommended = None
+        elif within is None:
+            spread_note = (f"no spread over repeats was measured for `{label}` or the baseline (repeats=1): "
+                           "its speed advantage is not checked against run-to-run noise")
     if recommended is not None:
         best = candidates[candidates["run_id"] == recommended].iloc[0]
         message = (f"recommended: {best['label']} (run {recommended}): RTFx {best['rtfx']:.2f}, "
                    f"DER {100 * best['der']:.2f} % ({100 * best['der_delta']:+.2f} pts vs baseline)")
+        if spread_note:
+            message += f"; {spread_note}"
+    elif spread_note:
+        message = f"no configuration qualifies: {spread_note}"
     elif baseline_id is None:
-        message = f"no configuration qualifies: {note}"
+        message = f"no configuration qualifies: without a baseline nothing is ranked (baseline: {note})"
     else:
         message = (f"no configuration qualifies: none of the {len(candidates)} children is finished, within "
-                   f"{100 * tolerance:.2f} DER points of the baseline and parity-clean")
+                   f"{100 * tolerance:.2f} DER points of the baseline, parity-clean and timed by its own engine "
+                   "comparably with the baseline")
     return Selection(baseline_id, note, recommended, tolerance, allow_unchecked, candidates, message,
                      alternative if alternative != recommended else None)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,10 @@ from filelock import FileLock
 from mlflow.entities import Run
 
 from diaropt.figures import comparison_figure, shorten
-from diaropt.keys import (TAG_CLOSED_REASON, TAG_ERROR_TYPE, TAG_HOST, TAG_OVERRIDES, TAG_PARENT, TAG_PID,
-                          TAG_PID_START, TAG_ROLE, TAG_SKIP_REASON, TAG_SKIPPED, TAG_SWEEP_ID, TAG_SWEEP_KEY)
+from diaropt.keys import (STAGES, TAG_CLOSED_REASON, TAG_ERROR_TYPE, TAG_HOST, TAG_OVERRIDES, TAG_PARENT, TAG_PID,
+                          TAG_PID_START, TAG_ROLE, TAG_SKIP_REASON, TAG_SKIPPED, TAG_SWEEP_ID, TAG_SWEEP_KEY,
+                          stage_of)
+from diaropt.provenance import TIMING_TAG
 from diaropt.tracking.flatten import str_tags, truncate
 from diaropt.tracking.host import hostname, pid_alive, process_tags
 from diaropt.tracking.run import TERMINAL_STATUSES, JobRun
@@ -24,6 +27,27 @@ from diaropt.tracking.store import (LOCK_TIMEOUT_S, MAX_RUN_NAME_CHARS, MAX_TAG_
 log = logging.getLogger(__name__)
 
 _OUTCOMES = ("finished", "failed", "skipped", "killed", "running")
+#: The experiment tag MLflow 3 UIs read to open an experiment on its runs table rather than the
+#: GenAI overview (3.17.2 lets its global GenAI / Model training switch decide instead).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: Override prefixes that say where results go or how jobs launch, not what runs.
+_NOT_CONFIG = ("tracking.", "paths.", "hydra.", "hydra/")
+
+
+def sweep_run_name(overrides: Iterable[str], started: datetime) -> str:
+    """A parent run's name from its children's ``diaropt.overrides`` tags: the axes whose value differs,
+    each with its values in first-seen order, and the start time: ``quant=fp16,int8 @ 2026-12-01 01:02``.
+
+    A sweep whose children share every override is named by those overrides (``default`` if none).
+    """
+    jobs = [dict(o.lstrip("+").split("=", 1) for o in text.split() if "=" in o and not o.startswith("~"))
+            for text in overrides]
+    jobs = [{k: v for k, v in job.items() if not k.startswith(_NOT_CONFIG) and k != "resume"} for job in jobs]
+    keys = list(dict.fromkeys(k for job in jobs for k in job))
+    swept = [k for k in keys if len({job.get(k) for job in jobs}) > 1] or keys
+    parts = [f"{k}=" + ",".join(dict.fromkeys(job.get(k, "(default)") for job in jobs)) for k in swept]
+    return f"{' '.join(parts) or 'default'} @ {started.strftime('%Y-%m-%d %H:%M %Z')}"
 
 
 def job_overrides(overrides: Iterable[str]) -> list[str]:
@@ -43,7 +67,19 @@ def _run_outcome(run: Run) -> str:
 
 
 class Tracker(Store):
-    """The MLflow experiment of the sweeps (see :class:`Store` for opening it)."""
+    """The MLflow experiment of the sweeps (see :class:`Store` for opening it).
+
+    Opening it tags the experiment ``mlflow.experimentKind = custom_model_development`` (new or
+    existing): MLflow UIs that read the tag open it on the runs table rather than the GenAI overview.
+    MLflow 3.17.2's UI has a global GenAI / Model training switch that takes precedence (seen with
+    headless Chromium); the README gives the address that lands on the runs table there.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        experiment = retry_locked(self.client.get_experiment, self.experiment_id)
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            retry_locked(self.client.set_experiment_tag, self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def children(self, parent_run_id: str) -> list[Run]:
         """The child runs of a parent, oldest first."""
@@ -119,15 +155,23 @@ class Tracker(Store):
                          x_metric: str = "rtfx", y_metric: str | None = None) -> pd.DataFrame:
         """Compare the children on the parent run; returns the table (one row per child).
 
-        Logs ``summary/children.json`` (MLflow table) and ``summary/children.csv``, the plot
+        Names the parent by its swept axes (:func:`sweep_run_name`). Logs ``summary/children.json``
+        (MLflow table) and ``summary/children.csv``, the plot
         ``summary/comparison.png`` (``x_metric`` vs ``y_metric`` -- by default the first ``der*``
-        metric key -- and the stacked ``time_*_s`` stages per child), and the parent metrics
+        metric key -- and the stacked ``time_<stage>_s`` of the pipeline ``STAGES`` per child: the
+        report's numbers, without model build or warm-up), and the parent metrics
         ``num_children``, ``num_finished``, ``num_failed``, ``num_skipped``, ``num_killed``,
         ``num_running``.
         """
         runs = self.frame(self._children_filter(parent_run_id), order_by=["attributes.start_time ASC"])
         table = children_table(runs, metric_keys, param_keys)
         parent = JobRun(self.client, parent_run_id)
+        if len(runs):
+            started = datetime.fromtimestamp(retry_locked(self.client.get_run, parent_run_id).info.start_time / 1000,
+                                             tz=timezone.utc)
+            name = sweep_run_name([o if isinstance(o, str) else "" for o in runs.get(f"tags.{TAG_OVERRIDES}", [])],
+                                  started)
+            retry_locked(self.client.update_run, parent_run_id, name=name[:MAX_RUN_NAME_CHARS])
         parent.log_metrics({"num_children": len(table),
                             **{f"num_{o}": int((table["outcome"] == o).sum()) for o in _OUTCOMES}})
         if len(table):
@@ -136,9 +180,14 @@ class Tracker(Store):
         if len(table):
             if y_metric is None:
                 y_metric = next((k for k in metric_keys if k.lower().startswith("der")), "der")
+            timing = runs.get(f"tags.{TIMING_TAG}", pd.Series(None, index=runs.index)).tolist()
             labels = [shorten(name or run_id, 48) + ("" if o == "finished" else f" [{o}]")
-                      for name, run_id, o in zip(table["run_name"], table["run_id"], table["outcome"])]
-            parent.log_figure(comparison_figure(runs, labels, x_metric, y_metric), "summary/comparison.png")
+                      + (f" [timing {t}]" if isinstance(t, str) and t != "target" else "")  # as the report says
+                      for name, run_id, o, t in zip(table["run_name"], table["run_id"], table["outcome"], timing)]
+            not_pipeline = [c for c in runs.columns if c.startswith("metrics.")
+                            and (stage := stage_of(c.removeprefix("metrics."))) is not None and stage not in STAGES]
+            parent.log_figure(comparison_figure(runs.drop(columns=not_pipeline), labels, x_metric, y_metric),
+                              "summary/comparison.png")
         return table
 
     def close_stale_runs(self, experiment: str | None = None, include_parents: bool = False) -> int:
