@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from diaropt.config import REPO_ROOT, to_container, validate
 from diaropt.keys import (AXIS_TAG_PREFIX, DER_FLUIDAUDIO_METRIC, DER_METRIC, PARITY_OK, PEAK_RSS, RTFX_METRIC, STAGES,
                           SUMMARY_METRICS, SUMMARY_PARAMS, TAG_JOB_NUM, TAG_OVERRIDES, TAG_PARITY_FLAG, TAG_SWEEP_DIR,
-                          TAG_TIMINGS_COMPARABLE, TAG_TIMINGS_NOTE, TIME_BUILD, time_metric)
+                          TAG_TIMINGS_COMPARABLE, TAG_TIMINGS_NOTE, TIME_BUILD, overrides_tag, time_metric)
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
     run_name = run_name or "default"
     tags = {**host_tags(), **{f"{AXIS_TAG_PREFIX}{k}": v for k, v in _axis_tags(cfg, backend).items()},
             **_provenance(cfg, backend).tags(),
-            TAG_OVERRIDES: " ".join(overrides), TAG_JOB_NUM: str(context["job_num"])}
+            TAG_OVERRIDES: overrides_tag(overrides), TAG_JOB_NUM: str(context["job_num"])}
     meta = fallback_meta(tracking_uri, cfg.tracking.experiment_name, run_name, sweep_id, parent_tags)
     if not tracked:
         run = start_file_run(output_dir / LOCAL_RUN_DIR, run_name, tags, {**meta, "reason": "tracking.enabled=false"})

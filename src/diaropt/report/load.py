@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from diaropt.config import REPO_ROOT
 from diaropt.keys import (AXIS_TAG_PREFIX, DER_METRIC, RTFX_METRIC, TAG_OVERRIDES, TAG_PARENT, TAG_PARITY_FLAG,
-                          TAG_ROLE, TAG_SKIPPED)
+                          TAG_ROLE, TAG_SKIPPED, overrides_from_tag)
 from diaropt.tracking import check_run_id, outcome, resolve_tracking_uri, retry_locked, search_runs, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,9 @@ def load_sweep(experiment_name: str = "diaropt", parent_run_id: str | None = Non
 
 
 def parse_overrides(text: Any) -> dict[str, str]:
-    """``diaropt.overrides`` ("quant=int8 dataset=sample") -> {key: value}; ``+``/``++`` dropped."""
-    if not isinstance(text, str):
-        return {}
+    """``diaropt.overrides`` ('["quant=int8", "dataset=sample"]') -> {key: value}; ``+``/``++`` dropped."""
     result: dict[str, str] = {}
-    for item in text.split():
+    for item in overrides_from_tag(text):  # a JSON list, or the older space-joined form
         key, sep, value = item.partition("=")
         if sep and not key.startswith("~"):
             result[key.lstrip("+")] = value
