@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from diaropt.keys import TAG_OVERRIDES, overrides_from_tag, overrides_tag
+from diaropt.keys import TAG_CLOSED_REASON, TAG_OVERRIDES, TAG_PID, overrides_from_tag, overrides_tag
 from diaropt.report.load import parse_overrides
 from diaropt.tracking import Tracker
 
@@ -37,3 +42,96 @@ def test_old_space_joined_override_tags_are_still_read(tracker: Tracker) -> None
     assert tracker.find_finished_child(parent_id, ["quant=int8", "dataset=sample", "resume=true"]) is not None
     assert overrides_from_tag("quant=int8 dataset=sample") == ["quant=int8", "dataset=sample"]
     assert overrides_from_tag(None) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# interrupts: a real Hydra sweep (experiments/sweep.py) whose jobs are fake (no model is built)
+# ------------------------------------------------------------------------------------------------
+
+FAKE_SWEEP = """
+import runpy, sys, time
+import diaropt.sweep as sweep
+from diaropt.config import REPO_ROOT
+from diaropt.keys import DER_METRIC
+
+def fake_job(cfg, run, output_dir, backend):  # threshold >= 0.6: a long job, to be interrupted
+    run.log_metrics({DER_METRIC: 0.1})
+    if cfg.clustering.threshold >= 0.6:
+        time.sleep(300)
+    return {DER_METRIC: 0.1}
+
+sweep._run_logged = fake_job
+sys.argv = ["sweep.py", *sys.argv[1:]]
+runpy.run_path(str(REPO_ROOT / "experiments/sweep.py"), run_name="__main__")
+"""
+
+
+def _fake_sweep_command(tmp_path: Path, *overrides: str, sweep_dir: str = "sweep") -> list[str]:
+    script = tmp_path / "fake_sweep.py"
+    script.write_text(FAKE_SWEEP)
+    return [sys.executable, str(script), "-m", "dataset=sample", "parity.enabled=false",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment_name=test",
+            f"hydra.sweep.dir={tmp_path}/{sweep_dir}", f"paths.cache_dir={tmp_path}/cache", *overrides]
+
+
+def _runs(tmp_path: Path) -> list[dict]:
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        runs = []
+        for run_id, status in db.execute("select run_uuid, status from runs").fetchall():
+            tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
+            runs.append({"run_id": run_id, "status": status, "tags": tags})
+    return runs
+
+
+def _wait_for_job(tmp_path: Path, job_num: int, process: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the sweep ended before the job started"
+        try:
+            if any(r["tags"].get("diaropt.job_num") == str(job_num) and r["status"] == "RUNNING"
+                   for r in _runs(tmp_path)):
+                return
+        except sqlite3.Error:  # not created yet, or locked: ask again
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_num} never ran")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_sweep_leaves_no_run_running(tmp_path: Path, sig: signal.Signals) -> None:
+    """3 planned jobs, interrupted during job 1: job 0 FINISHED, job 1 KILLED, the parent KILLED with
+    the reason and the planned count (was: the parent stayed RUNNING for ever)."""
+    process = subprocess.Popen(_fake_sweep_command(tmp_path, "clustering.threshold=0.5,0.6,0.7"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        _wait_for_job(tmp_path, 1, process)
+        process.send_signal(sig)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode != 0, output[-3000:]
+    runs = _runs(tmp_path)
+    assert not [r for r in runs if r["status"] == "RUNNING"], output[-3000:]
+    (parent,) = [r for r in runs if r["tags"].get("diaropt.role") == "parent"]
+    assert parent["status"] == "KILLED"
+    assert parent["tags"]["diaropt.closed_reason"].startswith(sig.name)
+    assert parent["tags"]["diaropt.jobs_planned"] == "3"
+    children = {r["tags"]["diaropt.job_num"]: r["status"] for r in runs if r["tags"].get("diaropt.role") == "child"}
+    assert children == {"0": "FINISHED", "1": "KILLED"}
+
+
+def test_a_stale_parent_is_closed_at_the_next_sweep_start(tmp_path: Path) -> None:
+    """A parent RUNNING whose creator died (SIGKILL, power loss) is closed KILLED by the next sweep
+    (was: only stale children were closed)."""
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "test")
+    parent_id = tracker.get_or_create_parent(str(tmp_path / "old_sweep"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tracker.client.set_tag(parent_id, TAG_PID, str(dead.pid))
+    result = subprocess.run(_fake_sweep_command(tmp_path, "clustering.threshold=0.5"), capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stale = tracker.client.get_run(parent_id)
+    assert stale.info.status == "KILLED"
+    assert stale.data.tags[TAG_CLOSED_REASON] == "process died; no running child"
+    assert not [r for r in _runs(tmp_path) if r["status"] == "RUNNING"]

@@ -67,6 +67,7 @@ TAG_HOST = "diaropt.host"
 TAG_SKIPPED = "diaropt.skipped"
 TAG_SKIP_REASON = "diaropt.skip_reason"
 TAG_CLOSED_REASON = "diaropt.closed_reason"
+TAG_JOBS_PLANNED = "diaropt.jobs_planned"  # on a parent: the jobs its sweep planned (basic: the product; Optuna: n_trials)
 TAG_NONFINITE = "diaropt.nonfinite_metrics"
 TAG_ERROR_TYPE = "diaropt.error_type"
 TAG_ERROR_MESSAGE = "diaropt.error_message"

@@ -25,12 +25,13 @@ from omegaconf import DictConfig
 
 from diaropt.config import REPO_ROOT, to_container, validate
 from diaropt.keys import (AXIS_TAG_PREFIX, DER_FLUIDAUDIO_METRIC, DER_METRIC, PARITY_OK, PEAK_RSS, RTFX_METRIC, STAGES,
-                          SUMMARY_METRICS, SUMMARY_PARAMS, TAG_JOB_NUM, TAG_OVERRIDES, TAG_PARITY_FLAG, TAG_SWEEP_DIR,
+                          SUMMARY_METRICS, SUMMARY_PARAMS, TAG_CLOSED_REASON, TAG_JOB_NUM, TAG_JOBS_PLANNED, TAG_OVERRIDES, TAG_PARITY_FLAG, TAG_SWEEP_DIR,
                           TAG_TIMINGS_COMPARABLE, TAG_TIMINGS_NOTE, TIME_BUILD, overrides_tag, time_metric)
 
 log = logging.getLogger(__name__)
 
 STATUS_DIR = ".diaropt"
+PLANNED_FILE = "planned"  # in STATUS_DIR: the number of jobs the sweep plans (not *.json: not a job status)
 
 
 class PeakMemory:
@@ -147,6 +148,9 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT)
     sweep_id = (context["sweep_id"] if "sweep_id" in context else context["sweep_dir"]) if context["multirun"] else None
     parent_tags = {TAG_SWEEP_DIR: context["sweep_dir"]} if context["multirun"] else {}
+    planned = _planned_jobs(context)
+    if planned:
+        parent_tags[TAG_JOBS_PLANNED] = str(planned)
     fallback_root = output_dir / FALLBACK_DIR
     tracker: Tracker | None = None
     if tracked:
@@ -157,7 +161,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
                       "%s`)", error, fallback_root, fallback_root)
             unavailable = str(error)
     if tracker is not None:
-        closed = tracker.close_stale_runs()
+        closed = tracker.close_stale_runs(include_parents=True)  # parents of killed sweeps too
         if closed:
             log.warning("closed %d run(s) left RUNNING by a dead process", closed)
     parent_id = None
@@ -210,8 +214,46 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
         if not context["multirun"]:
             raise
         return {}
+    except (KeyboardInterrupt, SystemExit) as error:  # Ctrl-C, or SystemExit(143) from the SIGTERM handler
+        restore()  # the child ends KILLED first (if an MLflow call was in flight when the signal came)
+        if tracker is not None and parent_id is not None and not (isinstance(error, SystemExit) and error.code in (0, None)):
+            reason = run._terminated_by or ("SIGINT" if isinstance(error, KeyboardInterrupt) else f"exit {error.code}")
+            _close_interrupted_parent(tracker, parent_id, context, planned, reason)
+        raise
     finally:
         restore()
+
+
+def _planned_jobs(context: dict[str, Any]) -> int | None:
+    """The number of jobs the sweep plans (written by ``SweepCallback.on_multirun_start``), or None."""
+    if not context["multirun"]:
+        return None
+    try:
+        return int((Path(context["sweep_dir"]) / STATUS_DIR / PLANNED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _close_interrupted_parent(tracker, parent_id: str, context: dict[str, Any], planned: int | None,
+                              reason: str) -> None:
+    """End an interrupted sweep's parent KILLED (FINISHED if every planned job finished), then summarise it.
+
+    Best effort: never masks the interrupt. Hydra's ``on_multirun_end`` does not run after an
+    interrupt, so without this the parent would stay RUNNING until a later sweep closes it as stale.
+    """
+    try:
+        statuses = read_statuses(Path(context["sweep_dir"]))
+        done = sum(1 for s in statuses if s["status"] in ("finished", "skipped"))
+        status = "FINISHED" if planned and done >= planned else "KILLED"
+        from diaropt.tracking import retry_locked
+
+        retry_locked(tracker.client.set_tag, parent_id, TAG_CLOSED_REASON, f"{reason} during job {context['job_num']}")
+        tracker.finish_parent(parent_id, status)
+        log.warning("sweep interrupted (%s): parent run %s ended %s; %d of %s planned job(s) done", reason,
+                    parent_id, status, done, planned if planned else "?")
+        tracker.summarize_parent(parent_id, SUMMARY_METRICS, SUMMARY_PARAMS)
+    except Exception as error:  # noqa: BLE001 - exiting matters more; a later sweep closes it as stale
+        log.error("could not close the parent run %s of the interrupted sweep: %s", parent_id, error)
 
 
 def _run_logged(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[str, float]:
@@ -399,10 +441,19 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            validate_sweep(config)
+            checked = validate_sweep(config)
         except ValueError as error:  # Hydra turns a callback's exception into a warning: exit instead
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
+        sweeper = config.hydra.get("sweeper") or {}
+        planned = checked if str(sweeper.get("_target_", "")).endswith("BasicSweeper") else sweeper.get("n_trials")
+        if planned:  # read by each job: tagged on the parent, used when an interrupt closes it
+            try:
+                path = Path(config.hydra.sweep.dir).resolve() / STATUS_DIR / PLANNED_FILE
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(str(int(planned)))
+            except OSError as error:
+                log.error("could not write %s: %s", path, error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
