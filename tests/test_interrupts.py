@@ -135,3 +135,34 @@ def test_a_stale_parent_is_closed_at_the_next_sweep_start(tmp_path: Path) -> Non
     assert stale.info.status == "KILLED"
     assert stale.data.tags[TAG_CLOSED_REASON] == "process died; no running child"
     assert not [r for r in _runs(tmp_path) if r["status"] == "RUNNING"]
+
+
+def test_a_second_concurrent_run_of_a_sweep_dir_is_refused(tmp_path: Path) -> None:
+    """While a sweep runs, a second run of the same sweep dir exits 2 naming the owner and adds no
+    run (was: both added children to one parent without a word)."""
+    process = subprocess.Popen(_fake_sweep_command(tmp_path, "clustering.threshold=0.6"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        _wait_for_job(tmp_path, 0, process)
+        before = len(_runs(tmp_path))
+        second = subprocess.run(_fake_sweep_command(tmp_path, "clustering.threshold=0.6"), capture_output=True,
+                                text=True, timeout=300, cwd=tmp_path)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"is being run by another process (pid {process.pid})" in second.stderr
+        assert len(_runs(tmp_path)) == before
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=120)
+        process.kill()
+    assert not [r for r in _runs(tmp_path) if r["status"] == "RUNNING"]
+
+
+def test_a_rerun_without_resume_says_what_it_will_do(tmp_path: Path) -> None:
+    command = _fake_sweep_command(tmp_path, "clustering.threshold=0.5")
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "finished job(s) from an earlier run" not in first.stdout + first.stderr
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "already has 1 finished job(s) from an earlier run; without resume=true every job runs again" in \
+        second.stdout + second.stderr

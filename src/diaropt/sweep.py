@@ -433,6 +433,31 @@ def _check_sweep_datasets(job_cfgs: list[tuple[list[str], DictConfig]]) -> None:
         log.info("dataset %r checked: %d file(s)", dataset.name, len(dataset))
 
 
+def _lock_sweep_dir(sweep_dir: Path):
+    """Hold ``<sweep dir>/.diaropt/sweep.lock`` for this multirun; exit 2 if another process holds it.
+
+    Two runs of one sweep dir at once would both add children to its parent and overwrite each
+    other's status files. The lock is an OS file lock: it is released when the process dies.
+    """
+    from filelock import FileLock, Timeout
+
+    folder = sweep_dir / STATUS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / "sweep.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = (folder / "sweep.pid").read_text().strip()
+        except OSError:
+            owner = "?"
+        print(f"error: sweep dir {sweep_dir} is being run by another process (pid {owner}); wait for it to end "
+              "or choose another hydra.sweep.dir (nothing was started)", file=sys.stderr, flush=True)
+        sys.exit(2)
+    (folder / "sweep.pid").write_text(str(os.getpid()))
+    return lock
+
+
 class SweepCallback(Callback):
     """Closes a multirun: parent-run summary, one line of counts, non-zero exit if a job failed.
 
@@ -445,6 +470,13 @@ class SweepCallback(Callback):
         except ValueError as error:  # Hydra turns a callback's exception into a warning: exit instead
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        self._lock = _lock_sweep_dir(sweep_dir)
+        finished = [st for st in read_statuses(sweep_dir) if st["status"] == "finished"]
+        if finished and not config.get("resume"):
+            log.warning("sweep dir %s already has %d finished job(s) from an earlier run; without resume=true every "
+                        "job runs again and adds new child runs under the same parent (resume=true keeps the "
+                        "finished ones)", sweep_dir, len(finished))
         sweeper = config.hydra.get("sweeper") or {}
         planned = checked if str(sweeper.get("_target_", "")).endswith("BasicSweeper") else sweeper.get("n_trials")
         if planned:  # read by each job: tagged on the parent, used when an interrupt closes it
@@ -456,6 +488,14 @@ class SweepCallback(Callback):
                 log.error("could not write %s: %s", path, error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._finish(config)
+        finally:
+            lock = getattr(self, "_lock", None)
+            if lock is not None:
+                lock.release()
+
+    def _finish(self, config: DictConfig) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         statuses = read_statuses(sweep_dir)
         counts = {name: sum(1 for s in statuses if s["status"] == name) for name in ("finished", "skipped", "failed")}
