@@ -166,3 +166,32 @@ def test_a_rerun_without_resume_says_what_it_will_do(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-3000:]
     assert "already has 1 finished job(s) from an earlier run; without resume=true every job runs again" in \
         second.stdout + second.stderr
+
+
+def test_a_report_on_an_interrupted_sweep_says_it_is_unfinished(tmp_path: Path) -> None:
+    """Parent KILLED by SIGINT during job 1 of 3 planned: the report's recommendation starts by saying
+    the sweep is unfinished and that 1 of 3 planned jobs never ran (was: a plain recommendation)."""
+    from diaropt import report
+    from diaropt.report.render import Document, recommendation_section
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "test")
+    parent_id = tracker.get_or_create_parent("/sweeps/cut", {"diaropt.jobs_planned": "3"})
+    for job_num, threshold in ((0, "0.5"), (1, "0.6")):
+        run = tracker.start_child(f"clustering.threshold={threshold}", parent_id, {
+            TAG_OVERRIDES: overrides_tag([f"clustering.threshold={threshold}"]), "diaropt.job_num": str(job_num)})
+        run.log_metrics({"der_pyannote": 0.1, "rtfx": 5.0})
+        run.end("FINISHED") if job_num == 0 else run.kill("SIGINT")
+    tracker.client.set_tag(parent_id, TAG_CLOSED_REASON, "SIGINT during job 1")
+    tracker.finish_parent(parent_id, "KILLED")
+
+    sweep = report.load_sweep("test", parent_id, uri)
+    assert (sweep.parent_status, sweep.jobs_planned, sweep.jobs_never_run, sweep.unfinished) == ("KILLED", 3, 1, True)
+    selection = report.select_recommended(sweep.runs, 0.005, True, sweep.axes, report.default_axis_values(sweep.axes))
+    text = Document("report", [recommendation_section(sweep, selection)]).markdown()
+    assert "**This sweep is unfinished** (parent run KILLED: SIGINT during job 1); 1 of 3 planned jobs never ran" in text
+
+    tracker.finish_parent(parent_id, "FINISHED")  # a complete sweep (3 of 3 started) says nothing of the kind
+    run = tracker.start_child("clustering.threshold=0.7", parent_id, {"diaropt.job_num": "2"})
+    run.end("FINISHED")
+    assert not report.load_sweep("test", parent_id, uri).unfinished
