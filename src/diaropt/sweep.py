@@ -433,6 +433,9 @@ def _check_sweep_datasets(job_cfgs: list[tuple[list[str], DictConfig]]) -> None:
         log.info("dataset %r checked: %d file(s)", dataset.name, len(dataset))
 
 
+_SWEEP_LOCKS: dict[str, Any] = {}  # sweep dir -> its FileLock, held by the process running the multirun
+
+
 def _lock_sweep_dir(sweep_dir: Path):
     """Hold ``<sweep dir>/.diaropt/sweep.lock`` for this multirun; exit 2 if another process holds it.
 
@@ -471,7 +474,7 @@ class SweepCallback(Callback):
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        self._lock = _lock_sweep_dir(sweep_dir)
+        _SWEEP_LOCKS[str(sweep_dir)] = _lock_sweep_dir(sweep_dir)  # not on self: launchers pickle the callbacks
         finished = [st for st in read_statuses(sweep_dir) if st["status"] == "finished"]
         if finished and not config.get("resume"):
             log.warning("sweep dir %s already has %d finished job(s) from an earlier run; without resume=true every "
@@ -491,7 +494,7 @@ class SweepCallback(Callback):
         try:
             self._finish(config)
         finally:
-            lock = getattr(self, "_lock", None)
+            lock = _SWEEP_LOCKS.pop(str(Path(config.hydra.sweep.dir).resolve()), None)
             if lock is not None:
                 lock.release()
 
