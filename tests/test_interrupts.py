@@ -195,3 +195,48 @@ def test_a_report_on_an_interrupted_sweep_says_it_is_unfinished(tmp_path: Path) 
     run = tracker.start_child("clustering.threshold=0.7", parent_id, {"diaropt.job_num": "2"})
     run.end("FINISHED")
     assert not report.load_sweep("test", parent_id, uri).unfinished
+
+
+JOBLIB_SWEEP = """
+import os, signal, time
+import hydra
+from diaropt.config import CONF_DIR, register_configs
+from diaropt.keys import DER_METRIC
+
+register_configs()
+
+def fake_job(cfg, run, output_dir, backend):  # threshold 0.6: the worker dies mid-job
+    run.log_metrics({DER_METRIC: 0.1})
+    if cfg.clustering.threshold == 0.6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(3)
+    return {DER_METRIC: 0.1}
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg):
+    import diaropt.sweep as sweep
+    sweep._run_logged = fake_job  # patched in the worker (the task is pickled by value, the module is not)
+    return sweep.run_job(cfg).get(DER_METRIC, float("nan"))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_joblib_worker_death_leaves_every_run_closed(tmp_path: Path) -> None:
+    """A joblib worker SIGKILLed mid-job: joblib raises ``TerminatedWorkerError`` and Hydra ends the
+    sweep (the healthy sibling is not finished); at exit its child ends KILLED (``process died``)
+    and the parent KILLED with the reason (was: both left RUNNING for ever)."""
+    script = tmp_path / "joblib_sweep.py"
+    script.write_text(JOBLIB_SWEEP)
+    command = [sys.executable, str(script), *_fake_sweep_command(tmp_path)[2:], "hydra/launcher=joblib",
+               "hydra.launcher.n_jobs=2", "clustering.threshold=0.5,0.6,0.7"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "TerminatedWorkerError" in result.stderr
+    runs = _runs(tmp_path)
+    assert not [r for r in runs if r["status"] == "RUNNING"], result.stderr[-3000:]
+    (parent,) = [r for r in runs if r["tags"].get("diaropt.role") == "parent"]
+    assert parent["status"] == "KILLED" and "launcher error" in parent["tags"]["diaropt.closed_reason"]
+    dead = [r for r in runs if r["tags"].get("diaropt.job_num") == "1"]
+    assert [(r["status"], r["tags"]["diaropt.closed_reason"]) for r in dead] == [("KILLED", "process died")]

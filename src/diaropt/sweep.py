@@ -9,6 +9,7 @@ counts and exits non-zero only if a job failed.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -433,6 +434,46 @@ def _check_sweep_datasets(job_cfgs: list[tuple[list[str], DictConfig]]) -> None:
         log.info("dataset %r checked: %d file(s)", dataset.name, len(dataset))
 
 
+_ENDED: set[str] = set()  # sweep dirs whose on_multirun_end ran in this process
+
+
+def _close_abandoned_sweep(sweep_dir: str, tracking_uri: str, experiment_name: str, wait_s: float = 10.0) -> None:
+    """At exit of a multirun that did not reach ``on_multirun_end`` (the launcher raised, e.g. joblib's
+    ``TerminatedWorkerError`` when a worker died, or an interrupt between jobs): close its runs.
+
+    Children of dead workers end KILLED (``process died``) once their processes are gone (the
+    launcher kills the surviving workers; waited for up to ``wait_s``); the parent ends KILLED with
+    ``diaropt.closed_reason`` and is summarised. Best effort: never raises.
+    """
+    if sweep_dir in _ENDED:
+        return
+    try:
+        from diaropt.tracking import Tracker, resolve_tracking_uri, retry_locked
+
+        tracker = Tracker(resolve_tracking_uri(tracking_uri or None, REPO_ROOT), experiment_name)
+        parent_id = tracker.find_parent(sweep_dir)
+        if parent_id is None:
+            return
+        deadline = time.monotonic() + wait_s
+        while True:
+            tracker.close_stale_runs()
+            running = [c for c in tracker.children(parent_id) if c.info.status == "RUNNING"]
+            if not running or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if retry_locked(tracker.client.get_run, parent_id).info.status != "RUNNING":
+            return
+        for child in running:  # a worker still alive after the wait: its run cannot go on without the sweep
+            tracker._close(child, "the sweep ended abnormally")
+        retry_locked(tracker.client.set_tag, parent_id, TAG_CLOSED_REASON,
+                     "the sweep ended before its end-of-sweep summary (launcher error or interrupt between jobs)")
+        tracker.finish_parent(parent_id, "KILLED")
+        log.warning("sweep %s ended abnormally: parent run %s ended KILLED", sweep_dir, parent_id)
+        tracker.summarize_parent(parent_id, SUMMARY_METRICS, SUMMARY_PARAMS)
+    except Exception as error:  # noqa: BLE001 - at exit: report, never raise
+        log.error("could not close the runs of the abandoned sweep %s: %s", sweep_dir, error)
+
+
 _SWEEP_LOCKS: dict[str, Any] = {}  # sweep dir -> its FileLock, held by the process running the multirun
 
 
@@ -480,6 +521,9 @@ class SweepCallback(Callback):
             log.warning("sweep dir %s already has %d finished job(s) from an earlier run; without resume=true every "
                         "job runs again and adds new child runs under the same parent (resume=true keeps the "
                         "finished ones)", sweep_dir, len(finished))
+        if config.tracking.enabled:  # Hydra skips on_multirun_end when the launcher raises
+            atexit.register(_close_abandoned_sweep, str(sweep_dir), str(config.tracking.tracking_uri or ""),
+                            str(config.tracking.experiment_name))
         sweeper = config.hydra.get("sweeper") or {}
         planned = checked if str(sweeper.get("_target_", "")).endswith("BasicSweeper") else sweeper.get("n_trials")
         if planned:  # read by each job: tagged on the parent, used when an interrupt closes it
@@ -491,6 +535,7 @@ class SweepCallback(Callback):
                 log.error("could not write %s: %s", path, error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _ENDED.add(str(Path(config.hydra.sweep.dir).resolve()))
         try:
             self._finish(config)
         finally:
