@@ -32,7 +32,7 @@ from diaropt.keys import (AXIS_TAG_PREFIX, DER_FLUIDAUDIO_METRIC, DER_METRIC, PA
 log = logging.getLogger(__name__)
 
 STATUS_DIR = ".diaropt"
-PLANNED_FILE = "planned"  # in STATUS_DIR: the number of jobs the sweep plans (not *.json: not a job status)
+PLANNED_FILE = ".diaropt-planned"  # in the sweep dir: the number of jobs the sweep plans
 
 
 class PeakMemory:
@@ -230,7 +230,7 @@ def _planned_jobs(context: dict[str, Any]) -> int | None:
     if not context["multirun"]:
         return None
     try:
-        return int((Path(context["sweep_dir"]) / STATUS_DIR / PLANNED_FILE).read_text())
+        return int((Path(context["sweep_dir"]) / PLANNED_FILE).read_text())
     except (OSError, ValueError):
         return None
 
@@ -450,7 +450,13 @@ def _close_abandoned_sweep(sweep_dir: str, tracking_uri: str, experiment_name: s
     try:
         from diaropt.tracking import Tracker, resolve_tracking_uri, retry_locked
 
-        tracker = Tracker(resolve_tracking_uri(tracking_uri or None, REPO_ROOT), experiment_name)
+        from diaropt.tracking import sqlite_path
+
+        uri = resolve_tracking_uri(tracking_uri or None, REPO_ROOT)
+        path = sqlite_path(uri)
+        if path is not None and not path.is_file():  # no job reached the store: create nothing
+            return
+        tracker = Tracker(uri, experiment_name)
         parent_id = tracker.find_parent(sweep_dir)
         if parent_id is None:
             return
@@ -478,27 +484,27 @@ _SWEEP_LOCKS: dict[str, Any] = {}  # sweep dir -> its FileLock, held by the proc
 
 
 def _lock_sweep_dir(sweep_dir: Path):
-    """Hold ``<sweep dir>/.diaropt/sweep.lock`` for this multirun; exit 2 if another process holds it.
+    """Hold ``<sweep dir>/.diaropt-sweep.lock`` for this multirun; exit 2 if another process holds it.
 
     Two runs of one sweep dir at once would both add children to its parent and overwrite each
     other's status files. The lock is an OS file lock: it is released when the process dies.
     """
     from filelock import FileLock, Timeout
 
-    folder = sweep_dir / STATUS_DIR
+    folder = sweep_dir  # not STATUS_DIR: it exists only once a job has run
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / "sweep.lock"), timeout=0)
+    lock = FileLock(str(folder / ".diaropt-sweep.lock"), timeout=0)
     try:
         lock.acquire()
     except Timeout:
         try:
-            owner = (folder / "sweep.pid").read_text().strip()
+            owner = (folder / ".diaropt-sweep.pid").read_text().strip()
         except OSError:
             owner = "?"
         print(f"error: sweep dir {sweep_dir} is being run by another process (pid {owner}); wait for it to end "
               "or choose another hydra.sweep.dir (nothing was started)", file=sys.stderr, flush=True)
         sys.exit(2)
-    (folder / "sweep.pid").write_text(str(os.getpid()))
+    (folder / ".diaropt-sweep.pid").write_text(str(os.getpid()))
     return lock
 
 
@@ -528,7 +534,7 @@ class SweepCallback(Callback):
         planned = checked if str(sweeper.get("_target_", "")).endswith("BasicSweeper") else sweeper.get("n_trials")
         if planned:  # read by each job: tagged on the parent, used when an interrupt closes it
             try:
-                path = Path(config.hydra.sweep.dir).resolve() / STATUS_DIR / PLANNED_FILE
+                path = Path(config.hydra.sweep.dir).resolve() / PLANNED_FILE
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(str(int(planned)))
             except OSError as error:
