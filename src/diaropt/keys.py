@@ -7,6 +7,9 @@ module may import it without a cycle.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+
 # --- stages (pipeline order; diaropt.pipeline.timing times them) ------------------------------------
 
 #: The design note's categories, in pipeline order. "audio" (decode + resample) and "preprocessing"
@@ -65,10 +68,30 @@ TAG_HOST = "diaropt.host"
 TAG_SKIPPED = "diaropt.skipped"
 TAG_SKIP_REASON = "diaropt.skip_reason"
 TAG_CLOSED_REASON = "diaropt.closed_reason"
+TAG_JOBS_PLANNED = "diaropt.jobs_planned"  # on a parent: the jobs its sweep planned (basic: the product; Optuna: n_trials)
 TAG_NONFINITE = "diaropt.nonfinite_metrics"
 TAG_ERROR_TYPE = "diaropt.error_type"
 TAG_ERROR_MESSAGE = "diaropt.error_message"
 TAG_OVERRIDES = "diaropt.overrides"
+
+
+def overrides_tag(overrides: Iterable[str]) -> str:
+    """The ``diaropt.overrides`` tag of a job: its Hydra overrides as a JSON list (a value may hold spaces)."""
+    return json.dumps(list(overrides))
+
+
+def overrides_from_tag(text: object) -> list[str]:
+    """The overrides in a ``diaropt.overrides`` tag: a JSON list, or the older space-joined form."""
+    if not isinstance(text, str):
+        return []
+    if text.startswith("["):  # no Hydra override starts with "["
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    return text.split()
 TAG_JOB_NUM = "diaropt.job_num"
 TAG_RELOGGED_FROM = "diaropt.relogged_from"
 TAG_PARITY_FLAG = "diaropt.parity_flag"

@@ -9,6 +9,7 @@ counts and exits non-zero only if a job failed.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -25,13 +26,14 @@ from omegaconf import DictConfig
 
 from diaropt.config import REPO_ROOT, to_container, validate
 from diaropt.keys import (AXIS_TAG_PREFIX, DER_FLUIDAUDIO_METRIC, DER_METRIC, DER_PCT_METRIC, PARITY_OK, PEAK_RSS,
-                          RTFX_METRIC, STAGES, SUMMARY_METRICS, SUMMARY_PARAMS, TAG_JOB_NUM, TAG_OVERRIDES,
-                          TAG_PARITY_FLAG, TAG_SWEEP_DIR, TAG_TIMINGS_COMPARABLE, TAG_TIMINGS_NOTE, TIME_BUILD,
-                          time_metric)
+                          RTFX_METRIC, STAGES, SUMMARY_METRICS, SUMMARY_PARAMS, TAG_CLOSED_REASON, TAG_JOB_NUM,
+                          TAG_JOBS_PLANNED, TAG_OVERRIDES, TAG_PARITY_FLAG, TAG_SWEEP_DIR, TAG_TIMINGS_COMPARABLE,
+                          TAG_TIMINGS_NOTE, TIME_BUILD, overrides_tag, time_metric)
 
 log = logging.getLogger(__name__)
 
 STATUS_DIR = ".diaropt"
+PLANNED_FILE = ".diaropt-planned"  # in the sweep dir: the number of jobs the sweep plans
 
 
 class PeakMemory:
@@ -148,6 +150,9 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT)
     sweep_id = (context["sweep_id"] if "sweep_id" in context else context["sweep_dir"]) if context["multirun"] else None
     parent_tags = {TAG_SWEEP_DIR: context["sweep_dir"]} if context["multirun"] else {}
+    planned = _planned_jobs(context)
+    if planned:
+        parent_tags[TAG_JOBS_PLANNED] = str(planned)
     fallback_root = output_dir / FALLBACK_DIR
     tracker: Tracker | None = None
     if tracked:
@@ -158,7 +163,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
                       "%s`)", error, fallback_root, fallback_root)
             unavailable = str(error)
     if tracker is not None:
-        closed = tracker.close_stale_runs()
+        closed = tracker.close_stale_runs(include_parents=True)  # parents of killed sweeps too
         if closed:
             log.warning("closed %d run(s) left RUNNING by a dead process", closed)
     parent_id = None
@@ -176,7 +181,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
     run_name = run_name or "default"
     tags = {**host_tags(), **{f"{AXIS_TAG_PREFIX}{k}": v for k, v in _axis_tags(cfg, backend).items()},
             **_provenance(cfg, backend).tags(),
-            TAG_OVERRIDES: " ".join(overrides), TAG_JOB_NUM: str(context["job_num"])}
+            TAG_OVERRIDES: overrides_tag(overrides), TAG_JOB_NUM: str(context["job_num"])}
     meta = fallback_meta(tracking_uri, cfg.tracking.experiment_name, run_name, sweep_id, parent_tags)
     if not tracked:
         run = start_file_run(output_dir / LOCAL_RUN_DIR, run_name, tags, {**meta, "reason": "tracking.enabled=false"})
@@ -211,8 +216,46 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
         if not context["multirun"]:
             raise
         return {}
+    except (KeyboardInterrupt, SystemExit) as error:  # Ctrl-C, or SystemExit(143) from the SIGTERM handler
+        restore()  # the child ends KILLED first (if an MLflow call was in flight when the signal came)
+        if tracker is not None and parent_id is not None and not (isinstance(error, SystemExit) and error.code in (0, None)):
+            reason = run._terminated_by or ("SIGINT" if isinstance(error, KeyboardInterrupt) else f"exit {error.code}")
+            _close_interrupted_parent(tracker, parent_id, context, planned, reason)
+        raise
     finally:
         restore()
+
+
+def _planned_jobs(context: dict[str, Any]) -> int | None:
+    """The number of jobs the sweep plans (written by ``SweepCallback.on_multirun_start``), or None."""
+    if not context["multirun"]:
+        return None
+    try:
+        return int((Path(context["sweep_dir"]) / PLANNED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _close_interrupted_parent(tracker, parent_id: str, context: dict[str, Any], planned: int | None,
+                              reason: str) -> None:
+    """End an interrupted sweep's parent KILLED (FINISHED if every planned job finished), then summarise it.
+
+    Best effort: never masks the interrupt. Hydra's ``on_multirun_end`` does not run after an
+    interrupt, so without this the parent would stay RUNNING until a later sweep closes it as stale.
+    """
+    try:
+        statuses = read_statuses(Path(context["sweep_dir"]))
+        done = sum(1 for s in statuses if s["status"] in ("finished", "skipped"))
+        status = "FINISHED" if planned and done >= planned else "KILLED"
+        from diaropt.tracking import retry_locked
+
+        retry_locked(tracker.client.set_tag, parent_id, TAG_CLOSED_REASON, f"{reason} during job {context['job_num']}")
+        tracker.finish_parent(parent_id, status)
+        log.warning("sweep interrupted (%s): parent run %s ended %s; %d of %s planned job(s) done", reason,
+                    parent_id, status, done, planned if planned else "?")
+        tracker.summarize_parent(parent_id, SUMMARY_METRICS, SUMMARY_PARAMS)
+    except Exception as error:  # noqa: BLE001 - exiting matters more; a later sweep closes it as stale
+        log.error("could not close the parent run %s of the interrupted sweep: %s", parent_id, error)
 
 
 def _run_logged(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[str, float]:
@@ -393,6 +436,80 @@ def _check_sweep_datasets(job_cfgs: list[tuple[list[str], DictConfig]]) -> None:
         log.info("dataset %r checked: %d file(s)", dataset.name, len(dataset))
 
 
+_ENDED: set[str] = set()  # sweep dirs whose on_multirun_end ran in this process
+
+
+def _close_abandoned_sweep(sweep_dir: str, tracking_uri: str, experiment_name: str, wait_s: float = 10.0) -> None:
+    """At exit of a multirun that did not reach ``on_multirun_end`` (the launcher raised, e.g. joblib's
+    ``TerminatedWorkerError`` when a worker died, or an interrupt between jobs): close its runs.
+
+    Children of dead workers end KILLED (``process died``) once their processes are gone (the
+    launcher kills the surviving workers; waited for up to ``wait_s``); the parent ends KILLED with
+    ``diaropt.closed_reason`` and is summarised. Best effort: never raises.
+    """
+    if sweep_dir in _ENDED:
+        return
+    try:
+        from diaropt.tracking import Tracker, resolve_tracking_uri, retry_locked
+
+        from diaropt.tracking import sqlite_path
+
+        uri = resolve_tracking_uri(tracking_uri or None, REPO_ROOT)
+        path = sqlite_path(uri)
+        if path is not None and not path.is_file():  # no job reached the store: create nothing
+            return
+        tracker = Tracker(uri, experiment_name)
+        parent_id = tracker.find_parent(sweep_dir)
+        if parent_id is None:
+            return
+        deadline = time.monotonic() + wait_s
+        while True:
+            tracker.close_stale_runs()
+            running = [c for c in tracker.children(parent_id) if c.info.status == "RUNNING"]
+            if not running or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if retry_locked(tracker.client.get_run, parent_id).info.status != "RUNNING":
+            return
+        for child in running:  # a worker still alive after the wait: its run cannot go on without the sweep
+            tracker._close(child, "the sweep ended abnormally")
+        retry_locked(tracker.client.set_tag, parent_id, TAG_CLOSED_REASON,
+                     "the sweep ended before its end-of-sweep summary (launcher error or interrupt between jobs)")
+        tracker.finish_parent(parent_id, "KILLED")
+        log.warning("sweep %s ended abnormally: parent run %s ended KILLED", sweep_dir, parent_id)
+        tracker.summarize_parent(parent_id, SUMMARY_METRICS, SUMMARY_PARAMS)
+    except Exception as error:  # noqa: BLE001 - at exit: report, never raise
+        log.error("could not close the runs of the abandoned sweep %s: %s", sweep_dir, error)
+
+
+_SWEEP_LOCKS: dict[str, Any] = {}  # sweep dir -> its FileLock, held by the process running the multirun
+
+
+def _lock_sweep_dir(sweep_dir: Path):
+    """Hold ``<sweep dir>/.diaropt-sweep.lock`` for this multirun; exit 2 if another process holds it.
+
+    Two runs of one sweep dir at once would both add children to its parent and overwrite each
+    other's status files. The lock is an OS file lock: it is released when the process dies.
+    """
+    from filelock import FileLock, Timeout
+
+    folder = sweep_dir  # not STATUS_DIR: it exists only once a job has run
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / ".diaropt-sweep.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = (folder / ".diaropt-sweep.pid").read_text().strip()
+        except OSError:
+            owner = "?"
+        print(f"error: sweep dir {sweep_dir} is being run by another process (pid {owner}); wait for it to end "
+              "or choose another hydra.sweep.dir (nothing was started)", file=sys.stderr, flush=True)
+        sys.exit(2)
+    (folder / ".diaropt-sweep.pid").write_text(str(os.getpid()))
+    return lock
+
+
 class SweepCallback(Callback):
     """Closes a multirun: parent-run summary, one line of counts, non-zero exit if a job failed.
 
@@ -401,12 +518,40 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            validate_sweep(config)
+            checked = validate_sweep(config)
         except ValueError as error:  # Hydra turns a callback's exception into a warning: exit instead
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        _SWEEP_LOCKS[str(sweep_dir)] = _lock_sweep_dir(sweep_dir)  # not on self: launchers pickle the callbacks
+        finished = [st for st in read_statuses(sweep_dir) if st["status"] == "finished"]
+        if finished and not config.get("resume"):
+            log.warning("sweep dir %s already has %d finished job(s) from an earlier run; without resume=true every "
+                        "job runs again and adds new child runs under the same parent (resume=true keeps the "
+                        "finished ones)", sweep_dir, len(finished))
+        if config.tracking.enabled:  # Hydra skips on_multirun_end when the launcher raises
+            atexit.register(_close_abandoned_sweep, str(sweep_dir), str(config.tracking.tracking_uri or ""),
+                            str(config.tracking.experiment_name))
+        sweeper = config.hydra.get("sweeper") or {}
+        planned = checked if str(sweeper.get("_target_", "")).endswith("BasicSweeper") else sweeper.get("n_trials")
+        if planned:  # read by each job: tagged on the parent, used when an interrupt closes it
+            try:
+                path = Path(config.hydra.sweep.dir).resolve() / PLANNED_FILE
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(str(int(planned)))
+            except OSError as error:
+                log.error("could not write %s: %s", path, error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _ENDED.add(str(Path(config.hydra.sweep.dir).resolve()))
+        try:
+            self._finish(config)
+        finally:
+            lock = _SWEEP_LOCKS.pop(str(Path(config.hydra.sweep.dir).resolve()), None)
+            if lock is not None:
+                lock.release()
+
+    def _finish(self, config: DictConfig) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         statuses = read_statuses(sweep_dir)
         counts = {name: sum(1 for s in statuses if s["status"] == name) for name in ("finished", "skipped", "failed")}

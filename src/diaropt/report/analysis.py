@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from diaropt.keys import PARITY_METRICS, TAG_OVERRIDES, TIME_TOTAL, time_metric
+from diaropt.keys import PARITY_METRICS, TAG_OVERRIDES, overrides_from_tag, TIME_TOTAL, time_metric
 from diaropt.report.load import axis_value, metric, present
 
 #: Categories of the timing breakdown and the ``time_<stage>_s`` metrics each one adds up.
@@ -98,6 +98,6 @@ def parity_table(frame: pd.DataFrame) -> pd.DataFrame:
 def reproduce_command(row: Mapping[str, Any]) -> str:
     """``python experiments/sweep.py <overrides>`` of a child (its ``diaropt.overrides`` tag, no ``hydra.*``)."""
     text = row.get(f"tags.{TAG_OVERRIDES}")
-    items = text.split() if isinstance(text, str) else []
+    items = overrides_from_tag(text)
     items = [o for o in items if not o.lstrip("+").startswith(("hydra.", "hydra/"))]
     return " ".join(["python", "experiments/sweep.py", *(shlex.quote(o) for o in items)])

@@ -12,8 +12,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from diaropt.config import REPO_ROOT
-from diaropt.keys import (AXIS_TAG_PREFIX, DER_METRIC, RTFX_METRIC, TAG_OVERRIDES, TAG_PARENT, TAG_PARITY_FLAG,
-                          TAG_ROLE, TAG_SKIPPED)
+from diaropt.keys import (AXIS_TAG_PREFIX, DER_METRIC, RTFX_METRIC, TAG_CLOSED_REASON, TAG_JOBS_PLANNED, TAG_OVERRIDES,
+                          TAG_PARENT, TAG_PARITY_FLAG, TAG_ROLE, TAG_SKIPPED, overrides_from_tag)
 from diaropt.provenance import NUMERICS_TAG, TIMING_REASON_TAG, TIMING_TAG
 from diaropt.tracking import check_run_id, outcome, resolve_tracking_uri, retry_locked, search_runs, sqlite_path
 
@@ -37,6 +37,22 @@ class Sweep:
     parent_name: str
     runs: pd.DataFrame
     axes: list[str]
+    parent_status: str = "FINISHED"
+    #: jobs the sweep planned (parent tag ``diaropt.jobs_planned``; None for sweeps logged before it)
+    jobs_planned: int | None = None
+    closed_reason: str = ""
+
+    @property
+    def jobs_never_run(self) -> int:
+        """Planned jobs with no child run (distinct ``diaropt.job_num``); 0 if the plan is unknown."""
+        column = self.runs.get("tags.diaropt.job_num")
+        started = set(column.dropna()) if column is not None else set()
+        return max(0, (self.jobs_planned or 0) - len(started))
+
+    @property
+    def unfinished(self) -> bool:
+        """The sweep was interrupted (or still runs): its parent is not FINISHED/FAILED, or planned jobs never ran."""
+        return self.parent_status not in ("FINISHED", "FAILED") or self.jobs_never_run > 0
 
 
 def open_client(tracking_uri: str | None = None) -> tuple[MlflowClient, str]:
@@ -83,19 +99,19 @@ def load_sweep(experiment_name: str = "diaropt", parent_run_id: str | None = Non
         raise LookupError(f"run {parent_run_id} has no child runs")
     frame.insert(1, "run_name", frame.get("tags.mlflow.runName"))
     axes = swept_axes(frame)
+    planned = parent.data.tags.get(TAG_JOBS_PLANNED, "")
     return Sweep(uri, experiment_name, parent.info.experiment_id, parent_run_id,
-                 parent.info.run_name or parent_run_id, annotate(frame, axes), axes)
+                 parent.info.run_name or parent_run_id, annotate(frame, axes), axes, parent.info.status,
+                 int(planned) if planned.isdigit() else None, parent.data.tags.get(TAG_CLOSED_REASON, ""))
 
 
 # --- overrides, axes, labels ----------------------------------------------------------------------
 
 
 def parse_overrides(text: Any) -> dict[str, str]:
-    """``diaropt.overrides`` ("quant=int8 dataset=sample") -> {key: value}; ``+``/``++`` dropped."""
-    if not isinstance(text, str):
-        return {}
+    """``diaropt.overrides`` ('["quant=int8", "dataset=sample"]') -> {key: value}; ``+``/``++`` dropped."""
     result: dict[str, str] = {}
-    for item in text.split():
+    for item in overrides_from_tag(text):  # a JSON list, or the older space-joined form
         key, sep, value = item.partition("=")
         if sep and not key.startswith("~"):
             result[key.lstrip("+")] = value

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from diaropt.config import CONF_DIR
-from diaropt.keys import TAG_OVERRIDES
+from diaropt.keys import TAG_OVERRIDES, overrides_from_tag
 from diaropt.report.load import is_config_key, present
 from diaropt.tracking import flatten_config
 
@@ -36,7 +36,7 @@ def preset_yaml(row: Mapping[str, Any], name: str, comment: str = "") -> str:
 
     groups = _config_groups()
     text = row.get(f"tags.{TAG_OVERRIDES}")
-    items = [o for o in (text.split() if isinstance(text, str) else []) if is_config_key(o.lstrip("+~"))]
+    items = [o for o in overrides_from_tag(text) if is_config_key(o.lstrip("+~"))]
     parsed = OverridesParser.create().parse_overrides(items)
     included: list[str] = []
     overrides: list[str] = []

@@ -173,6 +173,12 @@ def recommendation_section(sweep: Sweep, selection: Selection, preset_check: str
     """The recommended child (or why none qualifies), the baseline, the rule, how to reproduce it."""
     section = Section("Recommendation")
     base, rec = selection.baseline, selection.recommended
+    if sweep.unfinished:  # an interrupted sweep: the choice covers only the jobs that ran
+        never = (f"{sweep.jobs_never_run} of {sweep.jobs_planned} planned jobs never ran" if sweep.jobs_planned
+                 else "the number of planned jobs is unknown")
+        section.para(f"**This sweep is unfinished** (parent run {sweep.parent_status}"
+                     + (f": {sweep.closed_reason}" if sweep.closed_reason else "") + f"); {never}. What follows "
+                     "compares only the jobs that ran; `resume=true` on the same sweep dir runs the rest.")
     if rec is not None:
         speedup = rec["rtfx"] / base["rtfx"] if base is not None and base["rtfx"] > 0 else math.nan
         section.para(f"**Recommended: `{rec['label']}`** (run `{rec['run_id']}`): RTFx **{rec['rtfx']:.2f}**"

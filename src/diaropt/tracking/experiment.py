@@ -16,7 +16,7 @@ from mlflow.entities import Run
 from diaropt.figures import comparison_figure, shorten
 from diaropt.keys import (STAGES, TAG_CLOSED_REASON, TAG_ERROR_TYPE, TAG_HOST, TAG_OVERRIDES, TAG_PARENT, TAG_PID,
                           TAG_PID_START, TAG_ROLE, TAG_SKIP_REASON, TAG_SKIPPED, TAG_SWEEP_ID, TAG_SWEEP_KEY,
-                          stage_of)
+                          overrides_from_tag, stage_of)
 from diaropt.provenance import TIMING_TAG
 from diaropt.tracking.flatten import str_tags, truncate
 from diaropt.tracking.host import hostname, pid_alive, process_tags
@@ -104,7 +104,7 @@ class Tracker(Store):
         """
         wanted = job_overrides(overrides)
         for run in self.children(parent_run_id):
-            if _run_outcome(run) == "finished" and job_overrides(run.data.tags.get(TAG_OVERRIDES, "").split()) == wanted:
+            if _run_outcome(run) == "finished" and job_overrides(overrides_from_tag(run.data.tags.get(TAG_OVERRIDES))) == wanted:
                 return run.info.run_id
         return None
 

@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     for uri, experiment, sweep_id in sorted(sweeps):
         try:
             tracker = Tracker(uri, experiment)
+            closed = tracker.close_stale_runs(include_parents=True)  # e.g. the parent of a killed sweep
+            if closed:
+                print(f"closed {closed} run(s) left RUNNING by a dead process (KILLED)")
             parent_id = tracker.find_parent(sweep_id)
             if parent_id is not None:
                 tracker.summarize_parent(parent_id, SUMMARY_METRICS, SUMMARY_PARAMS)

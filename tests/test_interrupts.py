@@ -1,0 +1,242 @@
+"""Tracking-layer robustness (issue 17, round 2): overrides as a JSON list, interrupts, stale parents."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diaropt.keys import TAG_CLOSED_REASON, TAG_OVERRIDES, TAG_PID, overrides_from_tag, overrides_tag
+from diaropt.report.load import parse_overrides
+from diaropt.tracking import Tracker
+
+
+@pytest.fixture()
+def tracker(tmp_path: Path) -> Tracker:
+    return Tracker(f"sqlite:///{tmp_path}/mlflow.db", "test")
+
+
+SPACED = ["dataset.audio_dir='/data/my set'", "quant=int8"]
+
+
+def test_overrides_with_a_spaced_value_match_on_resume(tracker: Tracker) -> None:
+    """``dataset.audio_dir='/data/my set'``: stored as a JSON list and compared as a list, so a
+    ``resume=true`` re-run finds the finished child (space-joined + ``.split()`` never matched)."""
+    parent_id = tracker.get_or_create_parent("/sweeps/a")
+    with tracker.start_child("job", parent_id, {TAG_OVERRIDES: overrides_tag(SPACED)}):
+        pass
+    assert tracker.find_finished_child(parent_id, [*SPACED, "resume=true"]) is not None
+    assert tracker.find_finished_child(parent_id, ["dataset.audio_dir='/data/my'", "quant=int8"]) is None
+    assert parse_overrides(overrides_tag(SPACED)) == {"dataset.audio_dir": "'/data/my set'", "quant": "int8"}
+
+
+def test_old_space_joined_override_tags_are_still_read(tracker: Tracker) -> None:
+    parent_id = tracker.get_or_create_parent("/sweeps/b")
+    with tracker.start_child("job", parent_id, {TAG_OVERRIDES: "quant=int8 dataset=sample"}):
+        pass
+    assert tracker.find_finished_child(parent_id, ["quant=int8", "dataset=sample", "resume=true"]) is not None
+    assert overrides_from_tag("quant=int8 dataset=sample") == ["quant=int8", "dataset=sample"]
+    assert overrides_from_tag(None) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# interrupts: a real Hydra sweep (experiments/sweep.py) whose jobs are fake (no model is built)
+# ------------------------------------------------------------------------------------------------
+
+FAKE_SWEEP = """
+import runpy, sys, time
+import diaropt.sweep as sweep
+from diaropt.config import REPO_ROOT
+from diaropt.keys import DER_METRIC
+
+def fake_job(cfg, run, output_dir, backend):  # threshold >= 0.6: a long job, to be interrupted
+    run.log_metrics({DER_METRIC: 0.1})
+    if cfg.clustering.threshold >= 0.6:
+        time.sleep(300)
+    return {DER_METRIC: 0.1}
+
+sweep._run_logged = fake_job
+sys.argv = ["sweep.py", *sys.argv[1:]]
+runpy.run_path(str(REPO_ROOT / "experiments/sweep.py"), run_name="__main__")
+"""
+
+
+def _fake_sweep_command(tmp_path: Path, *overrides: str, sweep_dir: str = "sweep") -> list[str]:
+    script = tmp_path / "fake_sweep.py"
+    script.write_text(FAKE_SWEEP)
+    return [sys.executable, str(script), "-m", "dataset=sample", "parity.enabled=false",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment_name=test",
+            f"hydra.sweep.dir={tmp_path}/{sweep_dir}", f"paths.cache_dir={tmp_path}/cache", *overrides]
+
+
+def _runs(tmp_path: Path) -> list[dict]:
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        runs = []
+        for run_id, status in db.execute("select run_uuid, status from runs").fetchall():
+            tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
+            runs.append({"run_id": run_id, "status": status, "tags": tags})
+    return runs
+
+
+def _wait_for_job(tmp_path: Path, job_num: int, process: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the sweep ended before the job started"
+        try:
+            if any(r["tags"].get("diaropt.job_num") == str(job_num) and r["status"] == "RUNNING"
+                   for r in _runs(tmp_path)):
+                return
+        except sqlite3.Error:  # not created yet, or locked: ask again
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_num} never ran")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_sweep_leaves_no_run_running(tmp_path: Path, sig: signal.Signals) -> None:
+    """3 planned jobs, interrupted during job 1: job 0 FINISHED, job 1 KILLED, the parent KILLED with
+    the reason and the planned count (was: the parent stayed RUNNING for ever)."""
+    process = subprocess.Popen(_fake_sweep_command(tmp_path, "clustering.threshold=0.5,0.6,0.7"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        _wait_for_job(tmp_path, 1, process)
+        process.send_signal(sig)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode != 0, output[-3000:]
+    runs = _runs(tmp_path)
+    assert not [r for r in runs if r["status"] == "RUNNING"], output[-3000:]
+    (parent,) = [r for r in runs if r["tags"].get("diaropt.role") == "parent"]
+    assert parent["status"] == "KILLED"
+    assert parent["tags"]["diaropt.closed_reason"].startswith(sig.name)
+    assert parent["tags"]["diaropt.jobs_planned"] == "3"
+    children = {r["tags"]["diaropt.job_num"]: r["status"] for r in runs if r["tags"].get("diaropt.role") == "child"}
+    assert children == {"0": "FINISHED", "1": "KILLED"}
+
+
+def test_a_stale_parent_is_closed_at_the_next_sweep_start(tmp_path: Path) -> None:
+    """A parent RUNNING whose creator died (SIGKILL, power loss) is closed KILLED by the next sweep
+    (was: only stale children were closed)."""
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "test")
+    parent_id = tracker.get_or_create_parent(str(tmp_path / "old_sweep"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tracker.client.set_tag(parent_id, TAG_PID, str(dead.pid))
+    result = subprocess.run(_fake_sweep_command(tmp_path, "clustering.threshold=0.5"), capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stale = tracker.client.get_run(parent_id)
+    assert stale.info.status == "KILLED"
+    assert stale.data.tags[TAG_CLOSED_REASON] == "process died; no running child"
+    assert not [r for r in _runs(tmp_path) if r["status"] == "RUNNING"]
+
+
+def test_a_second_concurrent_run_of_a_sweep_dir_is_refused(tmp_path: Path) -> None:
+    """While a sweep runs, a second run of the same sweep dir exits 2 naming the owner and adds no
+    run (was: both added children to one parent without a word)."""
+    process = subprocess.Popen(_fake_sweep_command(tmp_path, "clustering.threshold=0.6"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        _wait_for_job(tmp_path, 0, process)
+        before = len(_runs(tmp_path))
+        second = subprocess.run(_fake_sweep_command(tmp_path, "clustering.threshold=0.6"), capture_output=True,
+                                text=True, timeout=300, cwd=tmp_path)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"is being run by another process (pid {process.pid})" in second.stderr
+        assert len(_runs(tmp_path)) == before
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=120)
+        process.kill()
+    assert not [r for r in _runs(tmp_path) if r["status"] == "RUNNING"]
+
+
+def test_a_rerun_without_resume_says_what_it_will_do(tmp_path: Path) -> None:
+    command = _fake_sweep_command(tmp_path, "clustering.threshold=0.5")
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "finished job(s) from an earlier run" not in first.stdout + first.stderr
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "already has 1 finished job(s) from an earlier run; without resume=true every job runs again" in \
+        second.stdout + second.stderr
+
+
+def test_a_report_on_an_interrupted_sweep_says_it_is_unfinished(tmp_path: Path) -> None:
+    """Parent KILLED by SIGINT during job 1 of 3 planned: the report's recommendation starts by saying
+    the sweep is unfinished and that 1 of 3 planned jobs never ran (was: a plain recommendation)."""
+    from diaropt import report
+    from diaropt.report.render import Document, recommendation_section
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "test")
+    parent_id = tracker.get_or_create_parent("/sweeps/cut", {"diaropt.jobs_planned": "3"})
+    for job_num, threshold in ((0, "0.5"), (1, "0.6")):
+        run = tracker.start_child(f"clustering.threshold={threshold}", parent_id, {
+            TAG_OVERRIDES: overrides_tag([f"clustering.threshold={threshold}"]), "diaropt.job_num": str(job_num)})
+        run.log_metrics({"der_pyannote": 0.1, "rtfx": 5.0})
+        run.end("FINISHED") if job_num == 0 else run.kill("SIGINT")
+    tracker.client.set_tag(parent_id, TAG_CLOSED_REASON, "SIGINT during job 1")
+    tracker.finish_parent(parent_id, "KILLED")
+
+    sweep = report.load_sweep("test", parent_id, uri)
+    assert (sweep.parent_status, sweep.jobs_planned, sweep.jobs_never_run, sweep.unfinished) == ("KILLED", 3, 1, True)
+    selection = report.select_recommended(sweep.runs, 0.005, True, sweep.axes, report.default_axis_values(sweep.axes))
+    text = Document("report", [recommendation_section(sweep, selection)]).markdown()
+    assert "**This sweep is unfinished** (parent run KILLED: SIGINT during job 1); 1 of 3 planned jobs never ran" in text
+
+    tracker.finish_parent(parent_id, "FINISHED")  # a complete sweep (3 of 3 started) says nothing of the kind
+    run = tracker.start_child("clustering.threshold=0.7", parent_id, {"diaropt.job_num": "2"})
+    run.end("FINISHED")
+    assert not report.load_sweep("test", parent_id, uri).unfinished
+
+
+JOBLIB_SWEEP = """
+import os, signal, time
+import hydra
+from diaropt.config import CONF_DIR, register_configs
+from diaropt.keys import DER_METRIC
+
+register_configs()
+
+def fake_job(cfg, run, output_dir, backend):  # threshold 0.6: the worker dies mid-job
+    run.log_metrics({DER_METRIC: 0.1})
+    if cfg.clustering.threshold == 0.6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(3)
+    return {DER_METRIC: 0.1}
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg):
+    import diaropt.sweep as sweep
+    sweep._run_logged = fake_job  # patched in the worker (the task is pickled by value, the module is not)
+    return sweep.run_job(cfg).get(DER_METRIC, float("nan"))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_joblib_worker_death_leaves_every_run_closed(tmp_path: Path) -> None:
+    """A joblib worker SIGKILLed mid-job: joblib raises ``TerminatedWorkerError`` and Hydra ends the
+    sweep (the healthy sibling is not finished); at exit its child ends KILLED (``process died``)
+    and the parent KILLED with the reason (was: both left RUNNING for ever)."""
+    script = tmp_path / "joblib_sweep.py"
+    script.write_text(JOBLIB_SWEEP)
+    command = [sys.executable, str(script), *_fake_sweep_command(tmp_path)[2:], "hydra/launcher=joblib",
+               "hydra.launcher.n_jobs=2", "clustering.threshold=0.5,0.6,0.7"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "TerminatedWorkerError" in result.stderr
+    runs = _runs(tmp_path)
+    assert not [r for r in runs if r["status"] == "RUNNING"], result.stderr[-3000:]
+    (parent,) = [r for r in runs if r["tags"].get("diaropt.role") == "parent"]
+    assert parent["status"] == "KILLED" and "launcher error" in parent["tags"]["diaropt.closed_reason"]
+    dead = [r for r in runs if r["tags"].get("diaropt.job_num") == "1"]
+    assert [(r["status"], r["tags"]["diaropt.closed_reason"]) for r in dead] == [("KILLED", "process died")]
