@@ -233,8 +233,10 @@ def test_fp16_selective_keeps_selected_ops_fp32(coreml_builds):
     plain = coreml.op_dtype_histogram(coreml_builds["fp16"][0])
     kept = {"max_pool", "instance_norm", "layer_norm", "reduce_mean", "softmax", "log"}
     assert kept <= set(selective)
-    for op_type in kept:
+    for op_type in kept - {"softmax", "log"}:
         assert selective[op_type] == {"float32": plain[op_type]["float16"]}, op_type
+    for op_type in ("softmax", "log"):  # fp32 in every fp16 build (backends.coreml.FP32_OUTPUT_OPS)
+        assert set(selective[op_type]) == set(plain[op_type]) == {"float32"}, op_type
     for op_type in ("conv", "linear", "relu"):
         assert set(selective[op_type]) == set(plain[op_type]) == {"float16"}, op_type
     assert coreml_builds["fp16_selective"][1]["op_dtypes"]["float32"] > coreml_builds["fp16"][1]["op_dtypes"].get("float32", 0)

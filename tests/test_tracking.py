@@ -421,3 +421,16 @@ def test_parent_named_by_swept_axes_and_plot_without_build(tracker: Tracker,
     assert {"metrics.time_segmentation_s", "metrics.time_embedding_s"} <= columns
     assert not {"metrics.time_build_s", "metrics.time_warmup_s"} & columns
     assert labels[0] == ["quant=fp16", "quant=int8 [timing proxy]"]
+
+
+def test_sweep_run_name_reads_json_and_space_joined_override_tags() -> None:
+    from datetime import datetime, timezone
+
+    from diaropt.keys import overrides_tag
+    from diaropt.tracking.experiment import sweep_run_name
+
+    started = datetime(2026, 12, 1, 1, 2, tzinfo=timezone.utc)
+    tags = [overrides_tag(["quant=fp16", "dataset.audio_dir=/data/my set"]),
+            overrides_tag(["quant=int8", "dataset.audio_dir=/data/my set"])]
+    assert sweep_run_name(tags, started) == "quant=fp16,int8 @ 2026-12-01 01:02 UTC"
+    assert sweep_run_name(["quant=fp16 seed=1", "quant=int8 seed=1"], started) == "quant=fp16,int8 @ 2026-12-01 01:02 UTC"

@@ -36,12 +36,13 @@ _NOT_CONFIG = ("tracking.", "paths.", "hydra.", "hydra/")
 
 
 def sweep_run_name(overrides: Iterable[str], started: datetime) -> str:
-    """A parent run's name from its children's ``diaropt.overrides`` tags: the axes whose value differs,
+    """A parent run's name from its children's ``diaropt.overrides`` tags (JSON lists, or the older
+    space-joined form): the axes whose value differs,
     each with its values in first-seen order, and the start time: ``quant=fp16,int8 @ 2026-12-01 01:02``.
 
     A sweep whose children share every override is named by those overrides (``default`` if none).
     """
-    jobs = [dict(o.lstrip("+").split("=", 1) for o in text.split() if "=" in o and not o.startswith("~"))
+    jobs = [dict(o.lstrip("+").split("=", 1) for o in overrides_from_tag(text) if "=" in o and not o.startswith("~"))
             for text in overrides]
     jobs = [{k: v for k, v in job.items() if not k.startswith(_NOT_CONFIG) and k != "resume"} for job in jobs]
     keys = list(dict.fromkeys(k for job in jobs for k in job))
