@@ -183,15 +183,20 @@ def _norm_shape(value: torch.Tensor | None, rank: int, axis: int = 1) -> torch.T
     return value.reshape(shape)
 
 
+def _channel_affine(y, a):
+    """``y * gamma + beta`` with per-channel (axis 1) ``gamma`` / ``beta``, each optional."""
+    if a.get("gamma") is not None:
+        y = y * _norm_shape(a["gamma"], y.dim())
+    if a.get("beta") is not None:
+        y = y + _norm_shape(a["beta"], y.dim())
+    return y
+
+
 def _batch_norm(op, a):
     x = a["x"]
     eps = float(_p(a.get("epsilon", 1e-5)))
     y = (x - _norm_shape(a["mean"], x.dim())) / torch.sqrt(_norm_shape(a["variance"], x.dim()) + eps)
-    if a.get("gamma") is not None:
-        y = y * _norm_shape(a["gamma"], x.dim())
-    if a.get("beta") is not None:
-        y = y + _norm_shape(a["beta"], x.dim())
-    return y
+    return _channel_affine(y, a)
 
 
 def _instance_norm(op, a):
@@ -200,11 +205,7 @@ def _instance_norm(op, a):
     mean = x.mean(dim=dims, keepdim=True)
     var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
     y = (x - mean) / torch.sqrt(var + float(_p(a.get("epsilon", 1e-5))))
-    if a.get("gamma") is not None:
-        y = y * _norm_shape(a["gamma"], x.dim())
-    if a.get("beta") is not None:
-        y = y + _norm_shape(a["beta"], x.dim())
-    return y
+    return _channel_affine(y, a)
 
 
 def _layer_norm(op, a):
