@@ -117,3 +117,21 @@ def test_dataset_key_the_loader_does_not_take_is_an_error() -> None:
 def test_dev_and_test_presets_exist_and_differ() -> None:
     dev, test = compose(["dataset=dev"]).dataset, compose(["dataset=test"]).dataset
     assert (dev.split, test.split) == ("dev", "test") and dev._target_ == test._target_
+
+
+@pytest.mark.parametrize("overrides, macos, backend, unit", [
+    ([], False, "onnxruntime", "cpu_only"),               # the default off macOS: ONNX Runtime's CPU path
+    ([], True, "coreml", "all"),                          # the default on a Mac: Core ML as an app ships it
+    (["backend=coreml"], False, "coreml", "all"),
+    (["backend=torch"], False, "torch", "cpu_only"),
+    (["backend=coreml", "compute_unit=cpu_and_ne"], False, "coreml", "cpu_and_ne"),  # an explicit unit wins
+])
+def test_compute_unit_auto_resolves_per_backend(overrides, macos, backend, unit, monkeypatch):
+    from diaropt.variants import build
+    from diaropt.variants.build import _value, resolve_backend, resolve_compute_unit
+
+    monkeypatch.setattr(build, "is_macos", lambda: macos)
+    cfg = compose(overrides)
+    resolved_backend = resolve_backend(_value(cfg.backend.name))
+    assert resolved_backend == backend
+    assert resolve_compute_unit(_value(cfg.compute_unit.name), resolved_backend) == unit

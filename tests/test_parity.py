@@ -77,6 +77,9 @@ def test_reference_config_keeps_the_job_data_and_clustering():
     assert is_reference(reference, "torch") and not is_reference(cfg, "onnxruntime")
     assert not is_reference(compose(["backend=torch", "embedding.shared_trunk=true", "embedding.tiled_trunk=false"]),
                             "torch")
+    # compute_unit=auto (the default) is cpu_only for torch: such a job is its own reference
+    assert is_reference(compose(["backend=torch", "embedding.shared_trunk=false", "embedding.tiled_trunk=false"]),
+                        "torch")
     exact = compose(["embedding.tiled_trunk=false", "backend=onnxruntime"])
     assert reference_config(exact).embedding.shared_trunk is False  # exact paths: the per-pair reference
     tiled = reference_config(compose(["embedding.tiled_trunk=true"]))  # an approximation: judged by DER

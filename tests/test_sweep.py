@@ -37,6 +37,9 @@ def test_multirun_logs_one_parent_and_a_child_per_quant_value(tmp_path):
     assert set(children["tags.mlflow.parentRunId"]) == {parent_id}
     assert sorted(children["params.quant.mode"]) == ["fp16", "fp32"]
     assert set(children["params.backend.resolved"]) == {"onnxruntime"}
+    # compute_unit=auto (the default) is ONNX Runtime's CPU here; the resolved value is what is logged
+    assert set(children["params.compute_unit.name"]) == {"auto"}
+    assert set(children["params.compute_unit.resolved"]) == set(children["tags.axis.compute_unit"]) == {"cpu_only"}
     assert children["params.dataset.sha256"].str.len().eq(64).all() and children["params.dataset.sha256"].nunique() == 1
     for key in ("time_compile_s", "time_segmentation_s", "time_embedding_s", "time_clustering_s",
                 "time_postprocess_s", "time_total_s", "rtfx", "der_pyannote", "der_fluidaudio",

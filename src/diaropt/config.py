@@ -53,6 +53,7 @@ class BackendName(str, Enum):
 
 
 class ComputeUnit(str, Enum):
+    auto = "auto"  # all for a Core ML job (as an app ships), cpu_only for ONNX Runtime / torch
     cpu_only = "cpu_only"
     cpu_and_gpu = "cpu_and_gpu"
     cpu_and_ne = "cpu_and_ne"
@@ -102,7 +103,9 @@ class BackendConfig:
 
 @dataclass
 class ComputeUnitConfig:
-    name: ComputeUnit = ComputeUnit.cpu_only
+    # resolved per backend by ``diaropt.variants.build.resolve_compute_unit``; logged as
+    # ``compute_unit.resolved`` and in the ``diaropt.axis.compute_unit`` tag
+    name: ComputeUnit = ComputeUnit.auto
 
 
 @dataclass

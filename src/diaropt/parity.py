@@ -61,15 +61,17 @@ def reference_config(cfg: DictConfig) -> DictConfig:
 
 def is_reference(cfg: DictConfig, backend: str) -> bool:
     """True when the job itself is the reference configuration (its parity is exact by definition)."""
-    from diaropt.variants.build import _value
+    from diaropt.variants.build import _value, resolve_compute_unit
 
     if backend != "torch":
         return False
     for key, value in reference_settings(cfg).items():
         if key in ("backend.name", "repeats", "cache_arrays"):
             continue
-        current = OmegaConf.select(cfg, key, default=value)
-        if _value(current) != value:
+        current = _value(OmegaConf.select(cfg, key, default=value))
+        if key == "compute_unit.name":  # auto is cpu_only for torch
+            current = resolve_compute_unit(current, backend)
+        if current != value:
             return False
     return True
 

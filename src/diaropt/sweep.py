@@ -117,10 +117,12 @@ def _provenance(cfg: DictConfig, backend: str):
 
 
 def _axis_tags(cfg: DictConfig, backend: str) -> dict[str, str]:
+    from diaropt.variants.build import resolve_compute_unit
+
     container = to_container(cfg)
     return {"backend": backend, "quant": container["quant"]["mode"],
             "frame_extraction": container["frame_extraction"]["mode"],
-            "compute_unit": container["compute_unit"]["name"], "embedding": container["embedding"]["name"],
+            "compute_unit": resolve_compute_unit(container["compute_unit"]["name"], backend), "embedding": container["embedding"]["name"],
             "clustering": container["clustering"]["method"], "dataset": container["dataset"]["name"],
             "experiment_preset": str(container.get("experiment_preset"))}
 
@@ -136,7 +138,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
     from diaropt.tracking import (FALLBACK_DIR, LOCAL_RUN_DIR, StoreOrFiles, Tracker, TrackingUnavailable,
                                   fallback_meta, host_tags, install_sigterm_handler, job_overrides, new_fallback_folder,
                                   resolve_tracking_uri, start_fallback_run, start_file_run)
-    from diaropt.variants.build import _value, resolve_backend
+    from diaropt.variants.build import _value, resolve_backend, resolve_compute_unit
 
     validate(cfg)
     context = context or _hydra_context()
@@ -194,7 +196,8 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
     try:
         with run:
             run.log_config(cfg)
-            run.log_params({"backend.resolved": backend})
+            run.log_params({"backend.resolved": backend, "compute_unit.resolved":
+                            resolve_compute_unit(_value(cfg.compute_unit.name), backend)})
             try:
                 metrics = _run_logged(cfg, run, output_dir, backend)
             except BackendUnavailable as error:

@@ -85,6 +85,15 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+def resolve_compute_unit(name: str, backend: str) -> str:
+    """``auto`` -> ``all`` for a Core ML job (CPU, GPU and Neural Engine: what an app ships with),
+    ``cpu_only`` for ONNX Runtime and torch (their CPU path; other units need the Core ML EP or a
+    GPU); other names unchanged. ``backend`` is the resolved backend (:func:`resolve_backend`)."""
+    if name == "auto":
+        return "all" if backend == "coreml" else "cpu_only"
+    return name
+
+
 def _tool_versions() -> dict[str, str]:
     """Versions that enter every cache key. Read from the installed distributions' metadata (the same
     strings as the modules' ``__version__``): importing coremltools only for its version cost ~1 s of
@@ -205,7 +214,7 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
     from diaropt.assets import default_cache_dir
 
     backend = resolve_backend(_value(cfg.backend.name))
-    compute_unit = _value(cfg.compute_unit.name)
+    compute_unit = resolve_compute_unit(_value(cfg.compute_unit.name), backend)
     plan = fusion.FusionPlan.from_config(cfg)
     plan.check()
     if backend in ("coreml", "onnxruntime"):  # before any work
