@@ -504,7 +504,8 @@ class VBxClustering(AgglomerativeClustering):
     ``10 - chunk_step_s`` s, so the number of embeddings of one stretch of speech is proportional to
     ``1 / chunk_step_s``. Scaling Fa by the step keeps the evidence per second of speech, and so the
     VBx posterior for the same audio, independent of the step (measured on dev: at a 2 s step the
-    unscaled Fa 0.1 merges two speakers of a 2-speaker conversation, DER 25.17 %; Fa 0.2 gives 22.01 %).
+    unscaled Fa 0.1 merges speakers in two conversations, 2 -> 1 and 5 -> 4, dev DER 25.17 %; Fa 0.2
+    finds every synthetic count, 22.01 %).
 
     Speaker counts: if the VBx count misses ``num_speakers`` / ``[min_speakers, max_speakers]``, the
     centroids come from the AHC's forced-count cut instead (exactly the requested count);
