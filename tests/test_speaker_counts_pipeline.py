@@ -60,7 +60,7 @@ def test_num_speakers_gives_that_many_output_speakers(pipeline, num_readers: int
 
     from diaropt.pipeline.audio import load_audio
 
-    cfg, pipe = pipeline
+    _, pipe = pipeline
     item = _conversation(num_readers)
     assert len(item.reference.labels()) == num_readers
     audio = load_audio(item.audio_path)
@@ -82,7 +82,7 @@ def test_unmeetable_count_warns_naming_the_file(pipeline, caplog: pytest.LogCapt
 
     import numpy as np
 
-    cfg, pipe = pipeline
+    _, pipe = pipeline
     audio = np.zeros(16000 * 12, dtype=np.float32)
     rng = np.random.default_rng(0)
     audio[16000:16000 * 11] = 0.05 * rng.standard_normal(16000 * 10).astype(np.float32)  # at most a few slots
