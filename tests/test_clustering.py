@@ -390,3 +390,21 @@ def test_method_must_match_the_class() -> None:
     with pytest.raises(ValueError, match="method"):
         AgglomerativeClustering(method="online_ema")
     assert isinstance(VBxClustering(method="vbx"), VBxClustering)
+
+
+def test_vbx_fa_is_scaled_by_the_chunk_step() -> None:
+    """Fa used by VBx = fa x chunk_step_s; the config passes segmentation.step_s as chunk_step_s."""
+    from diaropt.config import compose
+    from diaropt.runner import clustering_from_config
+
+    truth = _random_truth(60, 3)
+    emb = _make_embeddings(truth, _speakers(3), noise=0.3)
+    doubled_step = get_clustering("vbx", threshold=0.4, fa=0.3, chunk_step_s=2.0)(emb)
+    doubled_fa = get_clustering("vbx", threshold=0.4, fa=0.6, chunk_step_s=1.0)(emb)
+    np.testing.assert_array_equal(doubled_step.hard_clusters, doubled_fa.hard_clusters)
+    np.testing.assert_array_equal(doubled_step.centroids, doubled_fa.centroids)
+    for step in (1.0, 2.0):
+        clustering = clustering_from_config(compose([f"segmentation.step_s={step}", "clustering.fa=0.1"]))
+        assert clustering.chunk_step_s == step and clustering.effective_fa == pytest.approx(0.1 * step)
+    with pytest.raises(ValueError, match="chunk_step_s"):
+        get_clustering("vbx", chunk_step_s=0.0)

@@ -100,8 +100,9 @@ def test_pipeline_with_anchors_embeds_fewer_speakers_and_labels_every_active_one
     for anchor_every in (1, 3):
         # online_ema (the clustering this was written with): with the default vbx dev00 is one cluster, so
         # the two anchor speakers of a chunk cannot both get it and their linked slots stay unassigned
+        # step 1.0 (the step this was written with; the default is 1.5): 22 chunks on the 30 s clip
         cfg = compose(["tracking.enabled=false", "backend=onnxruntime", "embedding.shared_trunk=true",
-                       "clustering=online_ema", f"embedding.anchor_every={anchor_every}"])
+                       "segmentation.step_s=1.0", "clustering=online_ema", f"embedding.anchor_every={anchor_every}"])
         pipeline = load_pipeline(cfg, build_models(cfg), StageTimer())
         outputs[anchor_every] = pipeline(audio, "dev00", keep_arrays=True)
     full, tracked = outputs[1], outputs[3]

@@ -14,9 +14,14 @@ under a temporary name and renamed, so a reader never sees a half-written set):
 ``synthetic_dev`` / ``synthetic_test`` (:func:`load_synthetic_split`)
     The tuning / evaluation conversations: LibriSpeech test-other readers split by speaker
     (:data:`SYNTHETIC_SPLIT_SPEAKERS`, 5 readers per split, none shared), 8 conversations per split
-    with 2, 3, 4, 5, 2, 3, 4, 5 speakers (a split has only 5 readers, so the issue's 6-7 speaker
-    conversations cannot be built without reusing a voice under two labels), durations uniform in
-    2-5 min, overlap ratio uniform in 5-15 %, speaker gains spread over 10 dB.
+    with 2, 3, 4, 5, 2, 3, 4, 5 speakers, durations uniform in 2-5 min, overlap ratio uniform in
+    5-15 %, speaker gains spread over 10 dB.
+
+    Contradiction in issue 15, resolved by keeping 5 readers per split: it asks for conversations of
+    2-7 speakers *and* 5 speakers per split (the 10 LibriSpeech test-other readers, split by speaker).
+    A 6- or 7-speaker conversation inside one split would need a voice under two labels, so a split's
+    conversations stop at 5 speakers. Counts up to 10 are checked separately on conversations built
+    from all 10 readers (``tests/test_speaker_counts_pipeline.py``; not a tuning or evaluation set).
 
 The source folders hold only ~10 utterances (~1 min) per reader, so a reader's utterances repeat
 within a 5 minute conversation (in a different order and with other neighbours); voices never
