@@ -4,8 +4,9 @@
 
 Each repeat starts a new process that runs the CLI's own ``main`` with timing wrappers around the
 start-up steps (wall clock, ``time.time()``, shared with this parent): interpreter start, the CLI's
-imports, ``compose``, ``build_models`` (its ``_tool_versions``, ``_torch_modules`` and
-``fusion.stage_specs`` parts, the cache lookups), ONNX Runtime session creation, the warm-up, the
+imports, ``compose``, ``build_models`` (its ``_tool_versions``, ``_model_sources`` (weights' sha256),
+``_torch_modules`` (only on a cache miss since phase 2) and ``fusion_plan.stage_specs`` parts, the
+cache lookups), ONNX Runtime session creation, the warm-up (the CLI no longer warms up), the
 first stage (``audio``) and the RTTM on disk. The model cache must already hold the configuration's
 models (run the CLI once first); otherwise the first repeat measures a build. Import detail:
 ``python -X importtime -m diaropt diarize ...``. Numbers depend on the machine's load (recorded).
@@ -33,7 +34,7 @@ from diaropt.config import compose
 from diaropt.data.annotations import write_rttm
 from diaropt.pipeline.timing import StageTimer
 from diaropt.runner import ChunkProgress, load_pipeline
-from diaropt.variants import build, fusion
+from diaropt.variants import build, fusion_plan
 marks["imports_done"] = time.time()
 spans = {}
 
@@ -50,8 +51,9 @@ def wrap(owner, name, label):
 import diaropt.config, diaropt.runner, diaropt.backends.onnxruntime as ortb, diaropt.pipeline.diarization as dz
 wrap(diaropt.config, "compose", "compose")
 wrap(build, "_tool_versions", "build.tool_versions")
-wrap(build, "_torch_modules", "build.torch_modules")
-wrap(fusion, "stage_specs", "build.stage_specs")
+wrap(build, "_torch_modules", "build.torch_modules")  # 0 on a cache hit (issue 19 phase 2)
+wrap(build, "_model_sources", "build.weights_sha256")
+wrap(fusion_plan, "stage_specs", "build.stage_specs")
 wrap(build, "cached_build", "build.cache_lookup")
 import diaropt.variants.build as vb
 wrap(vb, "build_models", "build_models")
@@ -72,7 +74,8 @@ def write(*args, **kwargs):
 ann.write_rttm = write
 code = cli.main(sys.argv[1:])
 marks["end"] = time.time()
-print("STARTUP_PROFILE " + json.dumps({"marks": marks, "spans": spans, "exit": code}))
+print("STARTUP_PROFILE " + json.dumps({"marks": marks, "spans": spans, "exit": code,
+                                       "torch_imported": int("torch" in sys.modules)}))
 '''
 
 
@@ -86,10 +89,11 @@ def one_run(audio: Path, overrides: list[str]) -> dict[str, float]:
             raise RuntimeError(f"startup run failed (exit {done.returncode}): {done.stderr[-2000:]}")
     data = json.loads(line.split(" ", 1)[1])
     marks = {k: v - spawn for k, v in data["marks"].items()}
+    spans = {"build.torch_modules": 0.0, "warm_up": 0.0, **data["spans"]}  # absent: not called
     return {"interpreter_start_s": marks["child_start"], "cli_imports_s": marks["imports_done"] - marks["child_start"],
-            **{f"{k}_s": v for k, v in data["spans"].items()},
+            **{f"{k}_s": v for k, v in spans.items()},
             "spawn_to_first_stage_s": marks["first_stage"], "spawn_to_first_rttm_s": marks["first_rttm"],
-            "spawn_to_exit_s": marks["end"]}
+            "spawn_to_exit_s": marks["end"], "torch_imported": float(data.get("torch_imported", 1))}
 
 
 def main() -> int:
@@ -111,7 +115,8 @@ def main() -> int:
         runs.append(one_run(audio, args.override))
         print(f"run {r + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()), flush=True)
     results["runs"] = runs
-    results["summary"] = {k: spread([run[k] for run in runs]) for k in runs[0]}
+    results["summary"] = {k: spread([run[k] for run in runs]) for k in sorted({k for run in runs for k in run})
+                          if all(k in run for run in runs)}
     results["load_average_end"] = os.getloadavg()
     write_results("startup_profile", results, args.out)
     return 0

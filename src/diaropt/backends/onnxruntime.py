@@ -1,4 +1,8 @@
-"""The ONNX Runtime backend: export from torch, run on CPU / CUDA / the Core ML execution provider."""
+"""The ONNX Runtime backend: export from torch, run on CPU / CUDA / the Core ML execution provider.
+
+Running a cached model needs neither torch nor the ``onnx`` package: both are imported inside the
+functions that export or inspect graphs (a start-up cost of seconds otherwise).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,16 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-import torch
-from torch import nn
 
 from diaropt.backends.base import BackendUnavailable, TensorSpec, is_macos
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,9 @@ OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED
 def export_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
                 outputs: list[TensorSpec], path: Path, dynamic_batch: bool = True) -> Path:
     """Export ``module`` (traced with the TorchScript exporter) to ``path``; batch axis dynamic."""
+    import onnx
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [spec.name for spec in inputs + outputs]
     dynamic_axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
@@ -48,6 +57,8 @@ def export_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inp
 
 def op_histogram(path: Path) -> dict[str, int]:
     """Count of each ONNX node type in the main graph."""
+    import onnx
+
     counts: dict[str, int] = {}
     for node in onnx.load(str(path), load_external_data=False).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -57,6 +68,8 @@ def op_histogram(path: Path) -> dict[str, int]:
 def data_slice_count(path: Path) -> int:
     """Slice nodes that cut tensors, leaving out shape arithmetic (Slice of a Shape output) that the
     exporter emits for dynamic batch sizes."""
+    import onnx
+
     graph = onnx.load(str(path), load_external_data=False).graph
     shape_outputs = {out for node in graph.node if node.op_type == "Shape" for out in node.output}
     return sum(1 for node in graph.node if node.op_type == "Slice" and node.input[0] not in shape_outputs)
@@ -87,15 +100,19 @@ class OnnxRuntimeModel:
     """An ``InferenceSession`` with named numpy inputs/outputs.
 
     ``num_threads`` fixes intra-op threads (0: ONNX Runtime's default), since thread count is part of
-    every measurement.
+    every measurement. ``allow_spinning``: ``session.intra_op.allow_spinning`` (None: ONNX Runtime's
+    default, on; spinning threads cost time when other processes hold the cores).
     """
 
     def __init__(self, path: Path, compute_unit: str = "cpu_only", num_threads: int = 0,
-                 optimization_level: str = "all", memory_arena: bool = True) -> None:
+                 optimization_level: str = "all", memory_arena: bool = True,
+                 allow_spinning: bool | None = None) -> None:
         options = ort.SessionOptions()
         options.enable_cpu_mem_arena = memory_arena
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
+        if allow_spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization_level])
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=providers_for(compute_unit))
