@@ -103,6 +103,9 @@ class BackendConfig:
     overlap_stages: bool = False
     # ONNX Runtime's session.intra_op.allow_spinning: None keeps its default (spinning on)
     ort_allow_spinning: Optional[bool] = None
+    # keep each model's optimized graph beside it (keyed by ONNX Runtime version + CPU flags) and load
+    # it with optimizations off: the same graph, ~2x faster session creation (issue 19)
+    ort_cache_optimized: bool = True
 
 
 @dataclass

@@ -6,8 +6,11 @@ functions that export or inspect graphs (a start-up cost of seconds otherwise).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import platform
 import re
 import signal
 import subprocess
@@ -106,16 +109,39 @@ class OnnxRuntimeModel:
 
     def __init__(self, path: Path, compute_unit: str = "cpu_only", num_threads: int = 0,
                  optimization_level: str = "all", memory_arena: bool = True,
-                 allow_spinning: bool | None = None) -> None:
-        options = ort.SessionOptions()
-        options.enable_cpu_mem_arena = memory_arena
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
-        if allow_spinning is not None:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization_level])
+                 allow_spinning: bool | None = None, cache_optimized: bool = True) -> None:
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=providers_for(compute_unit))
+        providers = providers_for(compute_unit)
+
+        def session_options() -> ort.SessionOptions:
+            options = ort.SessionOptions()
+            options.enable_cpu_mem_arena = memory_arena
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+            if allow_spinning is not None:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+            return options
+
+        cached = (optimized_graph_path(self.path, optimization_level)
+                  if cache_optimized and providers == ["CPUExecutionProvider"] and optimization_level != "disable"
+                  else None)
+        #: "cached" (optimized graph loaded, optimizations off), "saved" (optimized now and saved), "online"
+        self.optimized_graph = "online"
+        self.session = _load_optimized(cached, session_options(), providers) if cached is not None else None
+        if self.session is not None:
+            self.optimized_graph = "cached"
+        else:
+            options = session_options()
+            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                                       OPTIMIZATION_LEVELS[optimization_level])
+            tmp = None
+            if cached is not None and os.access(cached.parent, os.W_OK):
+                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+                options.optimized_model_filepath = str(tmp)
+                options.log_severity_level = 3  # the "hardware specific" warning: the file is keyed by CPU flags
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            if tmp is not None:
+                self.optimized_graph = "saved" if _publish_optimized(tmp, cached) else "online"
         self.inputs = [TensorSpec(i.name, tuple(i.shape), _dtype(i.type)) for i in self.session.get_inputs()]
         self.outputs = [TensorSpec(o.name, tuple(o.shape), _dtype(o.type)) for o in self.session.get_outputs()]
 
@@ -126,6 +152,68 @@ class OnnxRuntimeModel:
 
     def sync(self) -> None:
         """``run`` is synchronous."""
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what an ``ORT_ENABLE_ALL`` graph's NCHWc layout depends on)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def optimized_graph_path(path: Path, optimization_level: str) -> Path:
+    """Where the optimized graph of ``path`` is kept: beside it, keyed by ONNX Runtime's version, the CPU
+    flags, the level and the model file (size, mtime), so an upgrade, another CPU or a rebuilt model
+    never loads a stale graph (ONNX Runtime's offline optimization; its graphs are hardware specific)."""
+    stat = path.stat()
+    key = hashlib.sha256(json.dumps([ort.__version__, _cpu_flags(), optimization_level, stat.st_size,
+                                     stat.st_mtime_ns]).encode()).hexdigest()[:16]
+    return path.with_name(f"{path.stem}.ort-{optimization_level}-{key}.onnx")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_optimized(cached: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession | None:
+    """A session from a saved optimized graph (optimizations off: they are in the file), or None when
+    it is absent, does not match its sha256 sidecar, or does not load (then it is removed)."""
+    sidecar = cached.with_name(cached.name + ".sha256")
+    if not (cached.is_file() and sidecar.is_file()):
+        return None
+    try:
+        if _sha256(cached) != sidecar.read_text().strip():
+            raise ValueError("sha256 mismatch")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(cached), options, providers=providers)
+    except Exception as error:  # noqa: BLE001 - corrupt or stale: optimize again
+        log.warning("%s: cached optimized graph unusable (%s); optimizing the model again", cached, error)
+        for stale in (cached, sidecar):
+            stale.unlink(missing_ok=True)
+        return None
+
+
+def _publish_optimized(tmp: Path, cached: Path) -> bool:
+    """Move a just-saved optimized graph into place (sidecar first, then an atomic rename)."""
+    try:
+        if not tmp.is_file():
+            return False
+        cached.with_name(cached.name + ".sha256").write_text(_sha256(tmp))
+        os.replace(tmp, cached)
+        return True
+    except OSError as error:  # read-only or full cache: run without it
+        log.debug("could not keep the optimized graph %s: %s", cached, error)
+        tmp.unlink(missing_ok=True)
+        return False
 
 
 def _dtype(onnx_type: str) -> str:

@@ -427,9 +427,11 @@ def _onnx_model(kind, make_module, inputs, outputs, mode, compute_unit, cfg, cac
     level = cfg.backend.ort_optimization_level
     arena = cfg.backend.ort_memory_arena
     spinning = cfg.backend.get("ort_allow_spinning", None)
+    keep_optimized = bool(cfg.backend.get("ort_cache_optimized", True))
     return BuiltModel(kind, "onnxruntime", path, info,
                       lambda: ort_backend.OnnxRuntimeModel(path, compute_unit, threads, info.get("ort_level", level),
-                                                           arena, allow_spinning=spinning))
+                                                           arena, allow_spinning=spinning,
+                                                           cache_optimized=keep_optimized))
 
 
 def _coreml_model(kind, make_module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant,
