@@ -34,12 +34,18 @@ from diaropt.config import compose
 from diaropt.data.annotations import write_rttm
 from diaropt.pipeline.timing import StageTimer
 from diaropt.runner import ChunkProgress, load_pipeline
-from diaropt.variants import build, fusion_plan
+from diaropt.variants import build
+try:
+    from diaropt.variants import fusion_plan
+except ImportError:  # code from before issue 19 phase 2 (--compare-src)
+    from diaropt.variants import fusion as fusion_plan
 marks["imports_done"] = time.time()
 spans = {}
 
 def wrap(owner, name, label):
-    original = getattr(owner, name)
+    original = getattr(owner, name, None)
+    if original is None:  # not in this version of the code
+        return
     def timed(*args, **kwargs):
         start = time.time()
         try:
@@ -79,11 +85,14 @@ print("STARTUP_PROFILE " + json.dumps({"marks": marks, "spans": spans, "exit": c
 '''
 
 
-def one_run(audio: Path, overrides: list[str]) -> dict[str, float]:
+def one_run(audio: Path, overrides: list[str], src: Path | None = None) -> dict[str, float]:
+    env = os.environ.copy()
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
     with tempfile.TemporaryDirectory(prefix="startup-") as out:
         spawn = time.time()
         done = subprocess.run([sys.executable, "-c", CHILD, "diarize", str(audio), "--out", out, "--no-progress",
-                               *overrides], capture_output=True, text=True, env=os.environ.copy())
+                               *overrides], capture_output=True, text=True, env=env)
         line = next((l for l in done.stdout.splitlines() if l.startswith("STARTUP_PROFILE ")), None)
         if done.returncode != 0 or line is None:
             raise RuntimeError(f"startup run failed (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -102,6 +111,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--override", action="append", default=[])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "startup_profile.json")
+    parser.add_argument("--compare-src", type=Path, default=None,
+                        help="another checkout's src/ (e.g. before a change): its runs alternate with this "
+                             "code's in every round and the per-round ratios are reported")
     args = parser.parse_args()
     audio = args.audio
     if audio is None:
@@ -110,13 +122,27 @@ def main() -> int:
         audio = load_dataset("sample").items[0].audio_path
     results = {"benchmark": "startup_profile", **environment(), "audio": str(audio), "overrides": args.override}
     one_run(audio, args.override)  # fills the model cache if needed; not counted
-    runs = []
+    if args.compare_src is not None:
+        one_run(audio, args.override, args.compare_src)
+    runs, compared = [], []
     for r in range(args.repeats):
-        runs.append(one_run(audio, args.override))
-        print(f"run {r + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()), flush=True)
+        pair = [("this", None), ("compared", args.compare_src)] if args.compare_src is not None else [("this", None)]
+        for label, src in (pair if r % 2 == 0 else pair[::-1]):
+            run = {**one_run(audio, args.override, src), "load_1min": os.getloadavg()[0]}
+            (runs if label == "this" else compared).append(run)
+            print(f"run {r + 1} {label}: " + "  ".join(f"{k} {v:.2f}" for k, v in run.items()), flush=True)
     results["runs"] = runs
     results["summary"] = {k: spread([run[k] for run in runs]) for k in sorted({k for run in runs for k in run})
                           if all(k in run for run in runs)}
+    if compared:
+        results["compare_src"] = str(args.compare_src)
+        results["compared_runs"] = compared
+        results["compared_summary"] = {k: spread([run[k] for run in compared])
+                                       for k in sorted({k for run in compared for k in run})
+                                       if all(k in run for run in compared)}
+        results["speedup_vs_compared_per_round"] = {
+            key: spread([c[key] / t[key] for t, c in zip(runs, compared)])
+            for key in ("spawn_to_first_stage_s", "spawn_to_first_rttm_s", "spawn_to_exit_s")}
     results["load_average_end"] = os.getloadavg()
     write_results("startup_profile", results, args.out)
     return 0

@@ -208,9 +208,7 @@ def _checkpoint_sha256(checkpoint: str | None, asset_key: str | None, what: str)
         asset_path(asset_key)  # fetched and verified
         (member,) = ASSETS[asset_key][1]
         return member.sha256
-    from pathlib import Path as _Path
-
-    local = _Path(checkpoint).expanduser()
+    local = Path(checkpoint).expanduser()
     if local.is_file():
         return sha256_of(local)
     from diaropt.models.loading import resolve_checkpoint  # a hub id: downloaded by huggingface_hub

@@ -184,17 +184,18 @@ def stage_specs(plan: FusionPlan, segmentation: Any, embedding: Any, segmentatio
                             TensorSpec("active", (Bs, L))]
     seg_variant: dict[str, Any] = {}
     seg_switches: list[str] = []
-    make_segmentation: Callable[[], Any] = segmentation.get
-    if plan.segmentation_with_preprocessor or flat:
-        with_preprocessor = plan.segmentation_with_preprocessor
-        clean = with_preprocessor and plan.clean_frames_in_graph
+    with_preprocessor = plan.segmentation_with_preprocessor
+    clean = with_preprocessor and plan.clean_frames_in_graph
 
-        def make_segmentation() -> Any:
-            m = _modules()
-            preprocessor = m.GraphPreprocessor(plan.min_num_clean_frames, plan.min_active_frames,
-                                               clean_frames=clean) if with_preprocessor else None
-            return m.SegmentationWithPreprocessor(segmentation.get(), preprocessor, flat_input=flat)
+    def make_segmentation() -> Any:
+        if not (with_preprocessor or flat):
+            return segmentation.get()
+        m = _modules()
+        preprocessor = m.GraphPreprocessor(plan.min_num_clean_frames, plan.min_active_frames,
+                                           clean_frames=clean) if with_preprocessor else None
+        return m.SegmentationWithPreprocessor(segmentation.get(), preprocessor, flat_input=flat)
 
+    if with_preprocessor or flat:
         if with_preprocessor:
             seg_outputs += preprocessor_outputs if clean else preprocessor_outputs[:1]
             seg_switches.append("segmentation_with_preprocessor")
