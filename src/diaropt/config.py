@@ -99,8 +99,10 @@ class BackendConfig:
     # took 64 s instead of 38 s on a 5 min file here. Small batches bound the arena instead.
     ort_memory_arena: bool = True
     # segmentation in a worker thread, overlapped with the embedding stage (identical outputs;
-    # pipeline.diarization). With num_threads 0, every ONNX Runtime session then gets 1 intra-op thread
-    overlap_stages: bool = False
+    # pipeline.diarization: how stage times are attributed). With num_threads 0, every ONNX Runtime
+    # session then gets 1 intra-op thread. 1.52x [1.37, 1.89] vs off on 3.2 min of synthetic_dev +
+    # AMI dev00 at load 19-26 (benchmarks/results/issue19_phase2/); not yet measured idle
+    overlap_stages: bool = True
     # ONNX Runtime's session.intra_op.allow_spinning: None keeps its default (spinning on)
     ort_allow_spinning: Optional[bool] = None
     # keep each model's optimized graph beside it (keyed by ONNX Runtime version + CPU flags) and load
