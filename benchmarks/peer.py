@@ -121,6 +121,10 @@ def diaropt_system(name: str, overrides: list[str], source: str) -> System:
             "quant_embedding": bool(cfg.quant.embedding),
             "frame_extraction": str(_value(cfg.frame_extraction.mode)), "step_s": cfg.segmentation.step_s,
             "tiled_trunk": bool(cfg.embedding.tiled_trunk), "num_threads": cfg.backend.num_threads,
+            "segmentation_batch_size": cfg.segmentation.batch_size,
+            "overlap_stages": bool(cfg.backend.get("overlap_stages", False)),
+            "ort_allow_spinning": cfg.backend.get("ort_allow_spinning", None),
+            "ort_cache_optimized": bool(cfg.backend.get("ort_cache_optimized", False)),
             "build_s": loaded.build_s, "load_s": loaded.compile_timer.seconds.get("compile", 0.0),
             "warmup_s": loaded.compile_timer.seconds.get("warmup", 0.0)}
 

@@ -96,7 +96,7 @@ def diarize(argv: list[str]) -> int:
     timer = StageTimer()
     progress = ChunkProgress(enabled=not args.no_progress)
     try:  # a refusal at load: one line, exit 3
-        pipeline = load_pipeline(cfg, built, timer, progress)
+        pipeline = load_pipeline(cfg, built, timer, progress, warm_up=False)  # the first file warms up
     except BackendUnavailable as error:
         print(f"error: this configuration cannot run on this host: {error.reason}", file=sys.stderr)
         return 3

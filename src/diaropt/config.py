@@ -99,6 +99,16 @@ class BackendConfig:
     # are freed between runs (lower peak memory) but every run allocates again: the embedding stage
     # took 64 s instead of 38 s on a 5 min file here. Small batches bound the arena instead.
     ort_memory_arena: bool = True
+    # segmentation in a worker thread, overlapped with the embedding stage (identical outputs;
+    # pipeline.diarization: how stage times are attributed). With num_threads 0, every ONNX Runtime
+    # session then gets 1 intra-op thread. 1.52x [1.37, 1.89] vs off on 3.2 min of synthetic_dev +
+    # AMI dev00 at load 19-26 (benchmarks/results/issue19_phase2/); not yet measured idle
+    overlap_stages: bool = True
+    # ONNX Runtime's session.intra_op.allow_spinning: None keeps its default (spinning on)
+    ort_allow_spinning: Optional[bool] = None
+    # keep each model's optimized graph beside it (keyed by ONNX Runtime version + CPU flags) and load
+    # it with optimizations off: the same graph, ~2x faster session creation (issue 19)
+    ort_cache_optimized: bool = True
 
 
 @dataclass
@@ -242,6 +252,9 @@ class PathsConfig:
     output_dir: Optional[str] = None  # None: the Hydra job's output dir
 
 
+_DEFAULT_OBJECTIVES = ["der_pyannote"]
+
+
 @dataclass
 class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -266,7 +279,7 @@ class Config:
     experiment_preset: Optional[str] = None  # set by conf/experiment/* for the record
     # what a job returns to the sweeper (Optuna minimises/maximises these, in order; see
     # conf/experiment/optuna_search.yaml); any metric the job logs, e.g. der_pyannote, rtfx
-    objectives: list[str] = field(default_factory=lambda: ["der_pyannote"])
+    objectives: list[str] = field(default_factory=lambda: list(_DEFAULT_OBJECTIVES))
 
 
 _GROUP_SCHEMAS = {
@@ -376,7 +389,10 @@ def _cross_field_problems(cfg: DictConfig) -> list[str]:
     objectives = list(cfg.objectives)
     if not objectives:
         problems.append("objectives = []: name at least one metric (e.g. der_pyannote)")
-    known = job_metric_names(bool(cfg.parity.enabled), bool(cfg.cache_arrays))
+    # the default objective needs no check (tests/test_startup.py: it is a job metric); the check
+    # imports pyannote.metrics (scipy.stats, pandas: ~1-2 s of every CLI start-up)
+    known = set(_DEFAULT_OBJECTIVES) if objectives == _DEFAULT_OBJECTIVES else job_metric_names(
+        bool(cfg.parity.enabled), bool(cfg.cache_arrays))
     for name in objectives:
         if name not in known:
             close = difflib.get_close_matches(str(name), sorted(known), n=3)

@@ -1,23 +1,32 @@
-"""The ONNX Runtime backend: export from torch, run on CPU / CUDA / the Core ML execution provider."""
+"""The ONNX Runtime backend: export from torch, run on CPU / CUDA / the Core ML execution provider.
+
+Running a cached model needs neither torch nor the ``onnx`` package: both are imported inside the
+functions that export or inspect graphs (a start-up cost of seconds otherwise).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import platform
 import re
 import signal
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-import torch
-from torch import nn
 
 from diaropt.backends.base import BackendUnavailable, TensorSpec, is_macos
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,9 @@ OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED
 def export_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
                 outputs: list[TensorSpec], path: Path, dynamic_batch: bool = True) -> Path:
     """Export ``module`` (traced with the TorchScript exporter) to ``path``; batch axis dynamic."""
+    import onnx
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [spec.name for spec in inputs + outputs]
     dynamic_axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
@@ -48,6 +60,8 @@ def export_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inp
 
 def op_histogram(path: Path) -> dict[str, int]:
     """Count of each ONNX node type in the main graph."""
+    import onnx
+
     counts: dict[str, int] = {}
     for node in onnx.load(str(path), load_external_data=False).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -57,6 +71,8 @@ def op_histogram(path: Path) -> dict[str, int]:
 def data_slice_count(path: Path) -> int:
     """Slice nodes that cut tensors, leaving out shape arithmetic (Slice of a Shape output) that the
     exporter emits for dynamic batch sizes."""
+    import onnx
+
     graph = onnx.load(str(path), load_external_data=False).graph
     shape_outputs = {out for node in graph.node if node.op_type == "Shape" for out in node.output}
     return sum(1 for node in graph.node if node.op_type == "Slice" and node.input[0] not in shape_outputs)
@@ -87,18 +103,45 @@ class OnnxRuntimeModel:
     """An ``InferenceSession`` with named numpy inputs/outputs.
 
     ``num_threads`` fixes intra-op threads (0: ONNX Runtime's default), since thread count is part of
-    every measurement.
+    every measurement. ``allow_spinning``: ``session.intra_op.allow_spinning`` (None: ONNX Runtime's
+    default, on; spinning threads cost time when other processes hold the cores).
     """
 
     def __init__(self, path: Path, compute_unit: str = "cpu_only", num_threads: int = 0,
-                 optimization_level: str = "all", memory_arena: bool = True) -> None:
-        options = ort.SessionOptions()
-        options.enable_cpu_mem_arena = memory_arena
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization_level])
+                 optimization_level: str = "all", memory_arena: bool = True,
+                 allow_spinning: bool | None = None, cache_optimized: bool = True) -> None:
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=providers_for(compute_unit))
+        providers = providers_for(compute_unit)
+
+        def session_options() -> ort.SessionOptions:
+            options = ort.SessionOptions()
+            options.enable_cpu_mem_arena = memory_arena
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+            if allow_spinning is not None:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+            return options
+
+        cached = (optimized_graph_path(self.path, optimization_level)
+                  if cache_optimized and providers == ["CPUExecutionProvider"] and optimization_level != "disable"
+                  else None)
+        #: "cached" (optimized graph loaded, optimizations off), "saved" (optimized now and saved), "online"
+        self.optimized_graph = "online"
+        self.session = _load_optimized(cached, session_options(), providers) if cached is not None else None
+        if self.session is not None:
+            self.optimized_graph = "cached"
+        else:
+            options = session_options()
+            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                                       OPTIMIZATION_LEVELS[optimization_level])
+            tmp = None
+            if cached is not None and os.access(cached.parent, os.W_OK):
+                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+                options.optimized_model_filepath = str(tmp)
+                options.log_severity_level = 3  # the "hardware specific" warning: the file is keyed by CPU flags
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            if tmp is not None:
+                self.optimized_graph = "saved" if _publish_optimized(tmp, cached) else "online"
         self.inputs = [TensorSpec(i.name, tuple(i.shape), _dtype(i.type)) for i in self.session.get_inputs()]
         self.outputs = [TensorSpec(o.name, tuple(o.shape), _dtype(o.type)) for o in self.session.get_outputs()]
 
@@ -109,6 +152,68 @@ class OnnxRuntimeModel:
 
     def sync(self) -> None:
         """``run`` is synchronous."""
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what an ``ORT_ENABLE_ALL`` graph's NCHWc layout depends on)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def optimized_graph_path(path: Path, optimization_level: str) -> Path:
+    """Where the optimized graph of ``path`` is kept: beside it, keyed by ONNX Runtime's version, the CPU
+    flags, the level and the model file (size, mtime), so an upgrade, another CPU or a rebuilt model
+    never loads a stale graph (ONNX Runtime's offline optimization; its graphs are hardware specific)."""
+    stat = path.stat()
+    key = hashlib.sha256(json.dumps([ort.__version__, _cpu_flags(), optimization_level, stat.st_size,
+                                     stat.st_mtime_ns]).encode()).hexdigest()[:16]
+    return path.with_name(f"{path.stem}.ort-{optimization_level}-{key}.onnx")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_optimized(cached: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession | None:
+    """A session from a saved optimized graph (optimizations off: they are in the file), or None when
+    it is absent, does not match its sha256 sidecar, or does not load (then it is removed)."""
+    sidecar = cached.with_name(cached.name + ".sha256")
+    if not (cached.is_file() and sidecar.is_file()):
+        return None
+    try:
+        if _sha256(cached) != sidecar.read_text().strip():
+            raise ValueError("sha256 mismatch")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(cached), options, providers=providers)
+    except Exception as error:  # noqa: BLE001 - corrupt or stale: optimize again
+        log.warning("%s: cached optimized graph unusable (%s); optimizing the model again", cached, error)
+        for stale in (cached, sidecar):
+            stale.unlink(missing_ok=True)
+        return None
+
+
+def _publish_optimized(tmp: Path, cached: Path) -> bool:
+    """Move a just-saved optimized graph into place (sidecar first, then an atomic rename)."""
+    try:
+        if not tmp.is_file():
+            return False
+        cached.with_name(cached.name + ".sha256").write_text(_sha256(tmp))
+        os.replace(tmp, cached)
+        return True
+    except OSError as error:  # read-only or full cache: run without it
+        log.debug("could not keep the optimized graph %s: %s", cached, error)
+        tmp.unlink(missing_ok=True)
+        return False
 
 
 def _dtype(onnx_type: str) -> str:

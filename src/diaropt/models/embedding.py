@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from diaropt.models.campplus import CAMPPlus
+from diaropt.models.constants import EMBEDDING_GEOMETRY
 from diaropt.models.fbank import KaldiFbank
 from diaropt.models.resnet import WeSpeakerResNet34
 
@@ -28,9 +29,11 @@ class EmbeddingSpec:
 
 EMBEDDING_MODELS: dict[str, EmbeddingSpec] = {
     # 3D-Speaker trained CAM++ on torchaudio-loaded waveforms in [-1, 1], povey window, CMN.
-    "campplus": EmbeddingSpec(CAMPPlus, 192, dict(window_type="povey", input_scale=1.0), "campplus"),
+    "campplus": EmbeddingSpec(CAMPPlus, EMBEDDING_GEOMETRY["campplus"].embedding_dim,
+                              dict(window_type="povey", input_scale=1.0), EMBEDDING_GEOMETRY["campplus"].asset_key),
     # WeSpeaker (as pyannote runs it): waveform * 2**15, hamming window, CMN.
-    "wespeaker_resnet34": EmbeddingSpec(WeSpeakerResNet34, 256, dict(window_type="hamming", input_scale=32768.0)),
+    "wespeaker_resnet34": EmbeddingSpec(WeSpeakerResNet34, EMBEDDING_GEOMETRY["wespeaker_resnet34"].embedding_dim,
+                                        dict(window_type="hamming", input_scale=32768.0)),
 }
 
 

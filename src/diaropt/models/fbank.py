@@ -24,16 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diaropt.models.constants import num_fbank_frames  # noqa: F401  (torch-free; re-exported)
+
 FrameExtraction = Literal["per_frame", "batched", "strided"]
 FRAME_EXTRACTION_MODES: tuple[str, ...] = ("per_frame", "batched", "strided")
 WindowType = Literal["povey", "hamming", "hanning"]
-
-
-def num_fbank_frames(num_samples: int, frame_length: int = 400, frame_shift: int = 160) -> int:
-    """Frames Kaldi produces with snip_edges=True (998 for 160000 samples)."""
-    if num_samples < frame_length:
-        return 0
-    return 1 + (num_samples - frame_length) // frame_shift
 
 
 def _window(window_type: str, length: int) -> np.ndarray:

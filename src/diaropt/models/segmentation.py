@@ -10,27 +10,14 @@ The state-dict keys follow pyannote.audio, so the real checkpoint loads with ``s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class FrameTiming:
-    """Output frame grid of the segmentation model, relative to the chunk start (seconds)."""
-
-    start_s: float = 0.0
-    duration_s: float = 0.0619375
-    step_s: float = 0.016875
-
-
-SEGMENTATION_FRAMES = FrameTiming()
-CHUNK_DURATION_S = 10.0
-SAMPLE_RATE_HZ = 16000
-NUM_LOCAL_SPEAKERS = 3
-NUM_POWERSET_CLASSES = 7
+# torch-free (the ONNX Runtime run path imports them without torch); re-exported here
+from diaropt.models.constants import (CHUNK_DURATION_S, NUM_LOCAL_SPEAKERS, NUM_POWERSET_CLASSES,  # noqa: F401
+                                      SAMPLE_RATE_HZ, SEGMENTATION_FRAMES, FrameTiming, segmentation_num_frames)
 
 
 class SincFilterbank(nn.Module):
@@ -142,9 +129,4 @@ class PyanNet(nn.Module):
     @staticmethod
     def num_output_frames(num_samples: int) -> int:
         """Frames produced for a chunk of ``num_samples`` (589 for 160000)."""
-        frames = (num_samples - 251) // 10 + 1
-        for kernel in (None, 5, 5):
-            if kernel is not None:
-                frames = frames - kernel + 1
-            frames //= 3
-        return frames
+        return segmentation_num_frames(num_samples)

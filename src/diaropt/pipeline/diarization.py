@@ -20,10 +20,27 @@ only a type conversion), a ``preprocessor_model`` may replace the numpy preproce
 embedding model may embed per chunk and add ``unit_embeddings`` (what clustering then consumes)
 and ``distances`` (C, L, L), and under ``fusion.coreml_pipeline`` the segmentation model is the
 whole chain and outputs the embeddings too (timed as segmentation; embedding is then ~0).
+
+``overlap_stages`` (``backend.overlap_stages``): segmentation runs in a worker thread (ONNX Runtime
+releases the GIL) and feeds, through a bounded queue, the main thread, which preprocesses each batch
+and runs the embedding stage as soon as the chunks that decide its next batch are known
+(``pipeline.embedding``'s ``ready``). The model calls are the same as in the sequential order, so
+every output array is identical (``tests/test_overlap.py``). Stage times then cannot be separate
+wall-clock intervals; they are attributed so that they still add up to the wall time: of the
+overlapped section's wall time, ``preprocessing`` is the main thread's preprocessing,
+``segmentation`` the time the main thread waited for segmentation batches (segmentation not
+hidden behind the embedding) and ``embedding`` the rest. The worker's own segmentation time and
+the section's wall time are in ``DiarizationOutput.overlap`` (and logged at debug level). Used
+only where nothing needs the whole segmentation first: no array cache hit, no chained model, no
+speaker linking (``anchor_every`` 1); otherwise the stages run one after the other.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,14 +49,16 @@ import numpy as np
 from pyannote.core import Annotation, Segment
 
 from diaropt.backends.base import RunnableModel
-from diaropt.models.segmentation import CHUNK_DURATION_S
+from diaropt.models.constants import CHUNK_DURATION_S, NUM_FRAMES, NUM_LOCAL_SPEAKERS
 from diaropt.pipeline import linking, preprocessing, reconstruction
 from diaropt.pipeline.cache import ArrayCache
 from diaropt.pipeline.audio import SAMPLE_RATE_HZ, chunk_starts, load_audio
 from diaropt.pipeline.clustering import BaseClustering
 from diaropt.pipeline.embedding import embed_outputs, mask_inactive
-from diaropt.pipeline.segmentation import run_batched_all, segment_outputs
+from diaropt.pipeline.segmentation import concatenate_batches, run_batched_all, segment_batches, segment_outputs
 from diaropt.pipeline.timing import StageTimer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,7 @@ class PipelineParams:
     max_speakers: int | None = None
     min_duration_on_s: float = 0.0
     min_duration_off_s: float = 0.0
+    overlap_stages: bool = False  # segmentation in a worker thread, overlapped with the embedding stage
 
 
 @dataclass
@@ -69,6 +89,8 @@ class DiarizationOutput:
     num_embedded: int
     num_clusters: int
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # intermediates, for parity checks
+    # overlap_stages: wall_s of the overlapped section, segmentation_busy_s (worker), waited_s (main thread)
+    overlap: dict[str, float] = field(default_factory=dict)
 
 
 class DiarizationPipeline:
@@ -142,32 +164,18 @@ class DiarizationPipeline:
         active = preprocessing.active_local_speakers(segmentations, params.min_active_frames)  # (C, L)
         return segmentations, masks, active
 
-    def __call__(self, audio: str | Path | np.ndarray, uri: str | None = None, keep_arrays: bool = False,
-                 timer: StageTimer | None = None) -> DiarizationOutput:
-        timer = timer or StageTimer(self.sync)
+    def _sequential(self, audio: np.ndarray, starts: np.ndarray, starts_s: np.ndarray, timer: StageTimer,
+                    cached: dict[str, np.ndarray] | None, embedding_names: tuple[str, ...]) -> tuple:
+        """Segmentation, preprocessing (and linking), embedding one after the other, each timed.
+        Returns (segmentation outputs, (segmentations, masks, active, links, to_embed, num_to_embed),
+        embedded outputs)."""
         params = self.params
-        with timer.stage("audio"):
-            if not isinstance(audio, np.ndarray):
-                uri = uri or Path(audio).stem
-                audio = load_audio(audio)
-            uri = uri or "audio"
-            duration_s = audio.shape[0] / SAMPLE_RATE_HZ
-            starts = chunk_starts(audio.shape[0], self.chunk_samples, self.step_samples)
-            starts_s = starts / SAMPLE_RATE_HZ
         num_chunks = len(starts)
-
-        cache_key = self.array_cache.key(audio) if self.array_cache is not None else None
-        cached = self.array_cache.load(cache_key) if cache_key is not None else None
-        if cached is not None and self.chained and "embeddings" not in cached:
-            cached = None  # saved by an unchained job: the chain computes everything at once
-        embedding_names = ("embeddings", "unit_embeddings", "distances")
-
         with timer.stage("segmentation"):
             if cached is not None:
                 outputs = {k: v for k, v in cached.items() if k not in embedding_names or self.chained}
             else:
                 outputs = self._segment(audio, starts, lambda n: self.progress("segmentation", n, num_chunks))
-        logprobs = outputs["logprobs"]
 
         with timer.stage("preprocessing"):
             segmentations, masks, active = self._preprocess(outputs)
@@ -188,6 +196,119 @@ class DiarizationPipeline:
                 embedded = embed_outputs(self.embedding_model, audio, starts, self.chunk_samples, masks, to_embed,
                                          params.embedding_batch_size, self.embedding_dim,
                                          on_batch=lambda n: self.progress("embedding", n, num_to_embed))
+        return outputs, (segmentations, masks, active, links, to_embed, num_to_embed), embedded
+
+    def _overlapped(self, audio: np.ndarray, starts: np.ndarray, timer: StageTimer) -> tuple:
+        """Segmentation in a worker thread, preprocessing and embedding in this one as batches arrive
+        (module docstring: how the stage times are attributed). Returns (segmentation outputs,
+        (segmentations, masks, active), embedded outputs, overlap timings)."""
+        params = self.params
+        num_chunks = len(starts)
+        shape = (num_chunks, NUM_FRAMES, NUM_LOCAL_SPEAKERS)
+        segmentations, masks = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        active = np.zeros(shape[::2], bool)
+        batches: dict[str, list[np.ndarray]] = {}
+        handoff: queue.Queue = queue.Queue(maxsize=4)  # bounded: the worker runs at most 4 batches ahead
+        stop = threading.Event()
+        seconds = {"segmentation_busy_s": 0.0, "waited_s": 0.0, "preprocessing_s": 0.0}
+        known = [0]
+
+        def put(item: object) -> None:
+            while not stop.is_set():
+                try:
+                    handoff.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def work() -> None:
+            try:
+                batches_run = segment_batches(self.segmentation_model, audio, starts, self.chunk_samples,
+                                              params.segmentation_batch_size)
+                while not stop.is_set():
+                    start = time.perf_counter()
+                    item = next(batches_run, None)
+                    seconds["segmentation_busy_s"] += time.perf_counter() - start
+                    put(item)
+                    if item is None:
+                        return
+            except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+                put(error)
+
+        def ready(count: int) -> None:
+            """Blocks until chunks [0, count) are segmented and preprocessed."""
+            while known[0] < count:
+                start = time.perf_counter()
+                item = handoff.get()
+                seconds["waited_s"] += time.perf_counter() - start
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    raise RuntimeError(f"segmentation stopped after {known[0]} of {num_chunks} chunks")
+                start = time.perf_counter()
+                first, outputs = item
+                rows = slice(first, first + len(next(iter(outputs.values()))))
+                segmentations[rows], masks[rows], active[rows] = self._preprocess(outputs)
+                for name, value in outputs.items():
+                    batches.setdefault(name, []).append(value)
+                known[0] = rows.stop
+                seconds["preprocessing_s"] += time.perf_counter() - start
+                self.progress("segmentation", rows.stop - rows.start, num_chunks)
+
+        worker = threading.Thread(target=work, name="diaropt-segmentation", daemon=True)
+        self.sync()
+        start = time.perf_counter()
+        worker.start()
+        try:
+            embedded = embed_outputs(self.embedding_model, audio, starts, self.chunk_samples, masks, active,
+                                     params.embedding_batch_size, self.embedding_dim, ready=ready)
+            ready(num_chunks)
+            end = handoff.get()  # the worker's end marker (or its error)
+            if isinstance(end, BaseException):
+                raise end
+        finally:
+            stop.set()
+            worker.join()
+        self.sync()
+        wall_s = time.perf_counter() - start
+        num_embedded = int(active.sum())
+        self.progress("embedding", num_embedded, num_embedded)
+        waited_s, preprocessing_s = seconds["waited_s"], seconds["preprocessing_s"]
+        timer.seconds["segmentation"] += waited_s
+        timer.seconds["preprocessing"] += preprocessing_s
+        timer.seconds["embedding"] += wall_s - waited_s - preprocessing_s
+        overlap = {"wall_s": wall_s, "segmentation_busy_s": seconds["segmentation_busy_s"], "waited_s": waited_s}
+        log.debug("overlapped segmentation + embedding: %.3f s wall, segmentation %.3f s in its thread, "
+                  "%.3f s waited for it", wall_s, overlap["segmentation_busy_s"], waited_s)
+        return concatenate_batches(batches), (segmentations, masks, active), embedded, overlap
+
+    def __call__(self, audio: str | Path | np.ndarray, uri: str | None = None, keep_arrays: bool = False,
+                 timer: StageTimer | None = None) -> DiarizationOutput:
+        timer = timer or StageTimer(self.sync)
+        params = self.params
+        with timer.stage("audio"):
+            if not isinstance(audio, np.ndarray):
+                uri = uri or Path(audio).stem
+                audio = load_audio(audio)
+            uri = uri or "audio"
+            duration_s = audio.shape[0] / SAMPLE_RATE_HZ
+            starts = chunk_starts(audio.shape[0], self.chunk_samples, self.step_samples)
+            starts_s = starts / SAMPLE_RATE_HZ
+        num_chunks = len(starts)
+
+        cache_key = self.array_cache.key(audio) if self.array_cache is not None else None
+        cached = self.array_cache.load(cache_key) if cache_key is not None else None
+        if cached is not None and self.chained and "embeddings" not in cached:
+            cached = None  # saved by an unchained job: the chain computes everything at once
+        embedding_names = ("embeddings", "unit_embeddings", "distances")
+        overlap: dict[str, float] = {}
+        if params.overlap_stages and cached is None and not self.chained and params.anchor_every == 1:
+            outputs, (segmentations, masks, active), embedded, overlap = self._overlapped(audio, starts, timer)
+            links, to_embed, num_to_embed = None, active, int(active.sum())
+        else:
+            outputs, (segmentations, masks, active, links, to_embed, num_to_embed), embedded = self._sequential(
+                audio, starts, starts_s, timer, cached, embedding_names)
+        logprobs = outputs["logprobs"]
         embeddings = embedded["embeddings"]
         if cache_key is not None and cached is None and links is None:  # the cache holds every active slot
             self.array_cache.save(cache_key, {**outputs, **embedded})
@@ -216,4 +337,4 @@ class DiarizationPipeline:
                           hard_clusters=hard_clusters, count=count, masks=masks, active=active)
             arrays.update({k: v for k, v in embedded.items() if k != "embeddings"})
         return DiarizationOutput(uri, annotation, duration_s, timer, num_chunks, num_to_embed, result.num_clusters,
-                                 arrays)
+                                 arrays, overlap)

@@ -11,11 +11,17 @@ num_frames, 3)`` -> ``embeddings (batch, 3, dimension)``; ``variants.fusion`` bu
 the recording (one every ~9 s instead of one per step); each embedded chunk's trunk frames are cut
 from its tiles and pooled per speaker by a second model. Not exact: a frame carries the context
 (mean normalisation, CAM++'s global context) of its tile instead of its chunk.
+
+``ready(n)`` (optional, every path): blocks until ``masks``/``active`` hold chunks ``[0, n)``, so the
+stage can run while the segmentation of later chunks is still being computed
+(``backend.overlap_stages``, ``pipeline.diarization``). The model calls, their batches and their
+order are the same as without it (the batches are formed in the same order from the same chunks),
+so the outputs are identical; a batch is only started once every chunk that decides it is known.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -39,30 +45,31 @@ def per_chunk(model: RunnableModel) -> bool:
 
 def embed_outputs(model: RunnableModel, audio: np.ndarray, starts: np.ndarray, chunk_samples: int,
                   masks: np.ndarray, active: np.ndarray, batch_size: int, dimension: int,
-                  on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                  on_batch: Callable[[int], None] | None = None,
+                  ready: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Every per-speaker output of the embedding model as ``(num_chunks, 3, ...)``, NaN where inactive:
     ``embeddings`` and, from an ``embedding_with_post`` model, ``unit_embeddings`` (and per chunk
     ``distances (num_chunks, 3, 3)``, NaN rows/columns of inactive slots).
 
     A per-pair model gets one row per active (chunk, speaker) pair, ``batch_size`` pairs per call; a
     per-chunk model (``embedding.shared_trunk``) one row per chunk with an active speaker,
-    ``batch_size`` chunks per call.
+    ``batch_size`` chunks per call. ``ready``: see the module docstring.
     """
     results = _nan_outputs(model, masks.shape[0], masks.shape[2], dimension)
     if isinstance(model, TiledTrunk):
+        if ready is not None:
+            return embed_tiled_streaming(model, audio, starts, chunk_samples, masks, active, batch_size, results,
+                                         on_batch, ready)
         return embed_tiled(model, audio, starts, chunk_samples, masks, active, batch_size, results, on_batch)
     if per_chunk(model):
-        for chunks in _chunk_batches(active, batch_size):
+        for chunks in _chunk_batches(active, batch_size, ready):
             feeds = {"waveforms": make_chunks(audio, starts[chunks], chunk_samples),
                      "masks": np.ascontiguousarray(masks[chunks], dtype=np.float32)}
             _store(results, run_batched_all(model, feeds), chunks)
             if on_batch is not None:
                 on_batch(int(active[chunks].sum()))
         return mask_inactive(results, active)
-    chunk_index, speaker_index = np.nonzero(active)  # (num_active,) pairs in chunk order
-    for first in range(0, len(chunk_index), batch_size):
-        chunks = chunk_index[first: first + batch_size]
-        speakers = speaker_index[first: first + batch_size]
+    for chunks, speakers in _pair_batches(active, batch_size, ready):
         feeds = {"waveforms": make_chunks(audio, starts[chunks], chunk_samples),
                  "masks": np.ascontiguousarray(masks[chunks, :, speakers], dtype=np.float32)}
         _store(results, run_batched_all(model, feeds), (chunks, speakers))
@@ -71,10 +78,46 @@ def embed_outputs(model: RunnableModel, audio: np.ndarray, starts: np.ndarray, c
     return results
 
 
-def _chunk_batches(active: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Indices of the chunks with an active speaker, ``batch_size`` at a time, in order."""
-    chunk_rows = np.flatnonzero(active.any(axis=1))
-    return [chunk_rows[first: first + batch_size] for first in range(0, len(chunk_rows), batch_size)]
+def _chunk_batches(active: np.ndarray, batch_size: int,
+                   ready: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+    """Indices of the chunks with an active speaker, ``batch_size`` at a time, in order; with
+    ``ready``, each batch as soon as the chunks that decide it are known."""
+    if ready is None:
+        chunk_rows = np.flatnonzero(active.any(axis=1))
+        yield from (chunk_rows[first: first + batch_size] for first in range(0, len(chunk_rows), batch_size))
+        return
+    batch: list[int] = []
+    for chunk in range(active.shape[0]):
+        ready(chunk + 1)
+        if active[chunk].any():
+            batch.append(chunk)
+        if len(batch) == batch_size:
+            yield np.array(batch, dtype=np.intp)
+            batch = []
+    if batch:
+        yield np.array(batch, dtype=np.intp)
+
+
+def _pair_batches(active: np.ndarray, batch_size: int,
+                  ready: Callable[[int], None] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(chunks, speakers) of the active (chunk, speaker) pairs in chunk order, ``batch_size`` at a time."""
+    if ready is None:
+        chunk_index, speaker_index = np.nonzero(active)  # (num_active,) pairs in chunk order
+        for first in range(0, len(chunk_index), batch_size):
+            yield chunk_index[first: first + batch_size], speaker_index[first: first + batch_size]
+        return
+    chunks: list[int] = []
+    speakers: list[int] = []
+    for chunk in range(active.shape[0]):
+        ready(chunk + 1)
+        for speaker in np.flatnonzero(active[chunk]):
+            chunks.append(chunk)
+            speakers.append(int(speaker))
+            if len(chunks) == batch_size:
+                yield np.array(chunks, dtype=np.intp), np.array(speakers, dtype=np.intp)
+                chunks, speakers = [], []
+    if chunks:
+        yield np.array(chunks, dtype=np.intp), np.array(speakers, dtype=np.intp)
 
 
 def _store(results: dict[str, np.ndarray], outputs: dict[str, np.ndarray], index: object) -> None:
@@ -161,7 +204,7 @@ def embed_tiled(model: TiledTrunk, audio: np.ndarray, starts: np.ndarray, chunk_
         return [(int(owner[a]), int(frame[a] - tile_offsets[owner[a]]), int(b - a))
                 for a, b in zip([0, *runs], [*runs, length])]
 
-    batches = _chunk_batches(active, batch_size)
+    batches = list(_chunk_batches(active, batch_size))
     plans = {int(c): sources(int(c)) for chunks in batches for c in chunks}
     needed = sorted({position for runs in plans.values() for position, _, _ in runs})
 
@@ -188,6 +231,82 @@ def embed_tiled(model: TiledTrunk, audio: np.ndarray, starts: np.ndarray, chunk_
         _store(results, run_batched_all(model.pool, feeds), chunks)
         if on_batch is not None:
             on_batch(int(active[chunks].sum()))
+    return mask_inactive(results, active)
+
+
+def embed_tiled_streaming(model: TiledTrunk, audio: np.ndarray, starts: np.ndarray, chunk_samples: int,
+                          masks: np.ndarray, active: np.ndarray, batch_size: int, results: dict[str, np.ndarray],
+                          on_batch: Callable[[int], None] | None, ready: Callable[[int], None]) -> dict[str, np.ndarray]:
+    """``embed_tiled`` while ``masks``/``active`` are still being filled (``ready``): the same trunk
+    and pooling calls on the same rows in the same order. ``embed_tiled`` decides up front which tiles
+    are needed (used by a chunk with an active speaker); here a tile's need is settled once the last
+    chunk that can use it is known, which is what its prefetch of the next needed tiles waits for."""
+    hop, length = model.frame_hop_samples, model.trunk_frames
+    tiles, boundaries = tile_plan(starts, hop, length)
+    tile_offsets = starts[tiles] // hop
+    offsets = starts // hop
+    grid = np.flatnonzero(starts % hop == 0)  # chunks on the frame grid, in order
+    num_grid_tiles = len(boundaries) + 1 if len(grid) else 0
+    frames_cache: dict[int, np.ndarray] = {}
+    plans: dict[int, list[tuple[int, int, int]]] = {}
+    settled: dict[int, bool] = {}
+
+    def sources(chunk: int) -> list[tuple[int, int, int]]:  # as in embed_tiled
+        if chunk not in plans:
+            if starts[chunk] % hop:
+                plans[chunk] = [(int(np.flatnonzero(tiles == chunk)[0]), 0, length)]
+            else:
+                frame = starts[chunk] // hop + np.arange(length)
+                owner = np.searchsorted(boundaries, frame, side="right")
+                runs = np.flatnonzero(np.diff(owner)) + 1
+                plans[chunk] = [(int(owner[a]), int(frame[a] - tile_offsets[owner[a]]), int(b - a))
+                                for a, b in zip([0, *runs], [*runs, length])]
+        return plans[chunk]
+
+    def needed(position: int) -> bool:
+        """Whether a chunk with an active speaker uses tile ``position`` (waits until that is known)."""
+        if position not in settled:
+            if position >= num_grid_tiles:  # an off-grid chunk: its own tile only
+                users = np.array([tiles[position]])
+            else:  # grid chunks whose frames overlap the frames this tile provides
+                low = boundaries[position - 1] if position > 0 else np.iinfo(np.int64).min
+                high = boundaries[position] if position < num_grid_tiles - 1 else np.iinfo(np.int64).max
+                users = grid[(offsets[grid] < high) & (offsets[grid] + length > low)] if low < high else grid[:0]
+            if len(users):
+                ready(int(users.max()) + 1)
+            settled[position] = bool(active[users].any()) if len(users) else False
+        return settled[position]
+
+    def ensure(positions: set[int]) -> None:
+        missing = sorted(p for p in positions if p not in frames_cache)
+        if not missing:
+            return
+        prefetch = max(0, batch_size - len(missing))
+        extra: list[int] = []
+        position = missing[-1] + 1
+        while len(extra) < prefetch and position < len(tiles):
+            if position not in frames_cache and needed(position):
+                extra.append(position)
+            position += 1
+        batch = missing + extra
+        for first in range(0, len(batch), batch_size):
+            part = batch[first: first + batch_size]
+            waveforms = make_chunks(audio, starts[tiles[part]], chunk_samples)
+            frames = run_batched_all(model.trunk, {model.trunk.inputs[0].name: waveforms})["frame_features"]
+            frames_cache.update(zip(part, frames))
+
+    for chunks in _chunk_batches(active, batch_size, ready):
+        positions = {position for c in chunks for position, _, _ in sources(int(c))}
+        for stale in [p for p in frames_cache if p < min(positions)]:
+            del frames_cache[stale]
+        ensure(positions)
+        features = np.stack([np.concatenate([frames_cache[p][:, a: a + n] for p, a, n in sources(int(c))], axis=1)
+                             for c in chunks])
+        feeds = {"frame_features": features, "masks": np.ascontiguousarray(masks[chunks], dtype=np.float32)}
+        _store(results, run_batched_all(model.pool, feeds), chunks)
+        if on_batch is not None:
+            on_batch(int(active[chunks].sum()))
+    ready(active.shape[0])
     return mask_inactive(results, active)
 
 

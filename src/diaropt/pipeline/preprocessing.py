@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 from pyannote.core import SlidingWindow
 
-from diaropt.models.segmentation import SEGMENTATION_FRAMES as _MODEL_FRAMES
+from diaropt.models.constants import SEGMENTATION_FRAMES as _MODEL_FRAMES
 
 __all__ = [
     "POWERSET_MAPPING",

@@ -7,7 +7,7 @@ output ``logprobs``; a fixed-batch model (Core ML) gets its last batch zero-padd
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -51,12 +51,27 @@ def segment_outputs(model: RunnableModel, audio: np.ndarray, starts: np.ndarray,
     ``logprobs (num_chunks, num_frames, 7)`` and whatever a fused model adds (``segmentations``,
     ``masks``, ``active``, embeddings: see ``variants.fusion``). The model's input is
     ``waveforms (batch, 1, chunk_samples)``, or ``(batch, chunk_samples)`` if it declares two axes."""
-    flat = len(model.inputs[0].shape) == 2
     outputs: dict[str, list[np.ndarray]] = {}
+    for _, batch in segment_batches(model, audio, starts, chunk_samples, batch_size):
+        for name, value in batch.items():
+            outputs.setdefault(name, []).append(value)
+        if on_batch is not None:
+            on_batch(len(next(iter(batch.values()))))
+    return concatenate_batches(outputs)
+
+
+def segment_batches(model: RunnableModel, audio: np.ndarray, starts: np.ndarray, chunk_samples: int,
+                    batch_size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """``(first chunk, outputs of chunks first..first + batch_size)`` per model call, in order: the
+    calls ``segment_outputs`` makes (``pipeline.diarization`` runs them in a worker thread to overlap
+    segmentation with the embedding stage)."""
+    flat = len(model.inputs[0].shape) == 2
     for first in range(0, len(starts), batch_size):
         chunks = make_chunks(audio, starts[first: first + batch_size], chunk_samples)
-        for name, value in run_batched_all(model, {"waveforms": chunks if flat else chunks[:, None, :]}).items():
-            outputs.setdefault(name, []).append(np.asarray(value))
-        if on_batch is not None:
-            on_batch(len(chunks))
+        outputs = run_batched_all(model, {"waveforms": chunks if flat else chunks[:, None, :]})
+        yield first, {name: np.asarray(value) for name, value in outputs.items()}
+
+
+def concatenate_batches(outputs: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-batch outputs concatenated on the chunk axis, as float32 (``segment_outputs``'s result)."""
     return {name: np.concatenate(values).astype(np.float32, copy=False) for name, values in outputs.items()}

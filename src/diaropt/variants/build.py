@@ -7,7 +7,10 @@ packages are converted and inspected on any OS; only running them needs macOS, a
 comes from ``backends.coreml`` with its reason.
 
 Cache: ``<cache>/models/<key>/`` where ``key`` hashes the weights' sha256, the variant config and
-the tool versions, so a second sweep over the same variants builds nothing. Entries are written to a
+the tool versions, so a second sweep over the same variants builds nothing. A cache hit builds no
+torch module and does not import torch: the weights' sha256 is the pinned asset's (verified by
+``diaropt.assets``) or the user checkpoint file's, the shapes come from ``models.constants``, and
+the modules are loaded inside a builder only (``fusion_plan.StageSpec.module``). Entries are written to a
 temporary folder and renamed into place under a file lock (no partial entry is ever visible).
 """
 
@@ -21,14 +24,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from filelock import FileLock
 from omegaconf import DictConfig
 
 from diaropt.backends.base import BackendUnavailable, RunnableModel, TensorSpec, is_macos
-from diaropt.variants import fusion
+from diaropt.variants import fusion_plan as fusion  # torch-free: torch loads only when a model is built
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +162,8 @@ COREML_BUILD_REVISION = 3  # 3: log-softmax kept fp32 in fp16 builds
 def refuse_unbuildable(mode: str) -> None:
     """``BackendUnavailable`` before any work for a quant mode this host cannot build: w8a8
     calibrates activations with Core ML predictions (macOS only)."""
+    if mode == "fp32":  # nothing to calibrate; and variants.quant imports torch
+        return
     from diaropt.variants import quant
 
     spec = quant.COREML_QUANT.get(mode)
@@ -185,6 +192,7 @@ def sweep_stale_builds(cache_root: Path) -> list[Path]:
 
 
 def _torch_modules(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], dict[str, str], int]:
+    """Both torch modules with their weights (imports torch; only a build needs them)."""
     from diaropt.models.embedding import load_embedding_model, load_segmentation_model
 
     segmentation, segmentation_sha = load_segmentation_model(cfg.segmentation.checkpoint)
@@ -193,6 +201,54 @@ def _torch_modules(cfg: DictConfig) -> tuple[dict[str, torch.nn.Module], dict[st
         frame_batch_size=cfg.frame_extraction.batch_size)
     return ({"segmentation": segmentation, "embedding": embedding},
             {"segmentation": segmentation_sha, "embedding": embedding_sha}, embedding.embedding_dim)
+
+
+def _checkpoint_sha256(checkpoint: str | None, asset_key: str | None, what: str) -> str:
+    """The sha256 of the weights file a model loads, without loading it: a pinned asset's (verified
+    against ``diaropt.assets`` by ``asset_path``) or the user checkpoint file's (the digest
+    ``models.loading.load_into`` returns for the same file)."""
+    from diaropt.assets import ASSETS, asset_path, sha256_of
+
+    if checkpoint is None:
+        if asset_key is None:
+            from diaropt.models.loading import CheckpointError
+
+            raise CheckpointError(f"{what} has no pinned weights: set its checkpoint (a local path or a hub id)")
+        asset_path(asset_key)  # fetched and verified
+        (member,) = ASSETS[asset_key][1]
+        return member.sha256
+    local = Path(checkpoint).expanduser()
+    if local.is_file():
+        return sha256_of(local)
+    from diaropt.models.loading import resolve_checkpoint  # a hub id: downloaded by huggingface_hub
+
+    return sha256_of(resolve_checkpoint(checkpoint))
+
+
+def _model_sources(cfg: DictConfig) -> tuple[fusion.ModelSource, fusion.ModelSource, dict[str, str], int]:
+    """(segmentation, embedding) as lazily loaded ``ModelSource`` s, the weights' sha256 and the
+    embedding size, without torch. The modules load together on first use (``_torch_modules``); a
+    checkpoint whose digest differs from the one the cache key was made with is refused."""
+    from diaropt.models.constants import EMBEDDING_GEOMETRY
+
+    name = _value(cfg.embedding.name)
+    if name not in EMBEDDING_GEOMETRY:
+        raise ValueError(f"unknown embedding model {name!r}; expected one of {sorted(EMBEDDING_GEOMETRY)}")
+    geometry = EMBEDDING_GEOMETRY[name]
+    weights_sha = {"segmentation": _checkpoint_sha256(cfg.segmentation.checkpoint, "segmentation_3_0",
+                                                      "the segmentation model"),
+                   "embedding": _checkpoint_sha256(cfg.embedding.checkpoint, geometry.asset_key,
+                                                   f"embedding model {name!r}")}
+
+    @fusion.memoized
+    def modules() -> dict[str, Any]:
+        loaded, digests, _ = _torch_modules(cfg)
+        if digests != weights_sha:
+            raise RuntimeError(f"checkpoint changed while building: sha256 {digests} != {weights_sha}")
+        return loaded
+
+    return (fusion.ModelSource(lambda: modules()["segmentation"]),
+            fusion.ModelSource(lambda: modules()["embedding"], geometry), weights_sha, geometry.embedding_dim)
 
 
 def _value(item: Any) -> Any:
@@ -220,11 +276,11 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
     if backend in ("coreml", "onnxruntime"):  # before any work
         for kind in ("segmentation", "embedding"):
             refuse_unbuildable(quant_mode_for(cfg, kind))
-    modules, weights_sha, embedding_dim = _torch_modules(cfg)
+    segmentation_source, embedding_source, weights_sha, embedding_dim = _model_sources(cfg)
     cache_root = Path(cache_dir or cfg.paths.cache_dir or default_cache_dir()) / "models"
     if cache_root.is_dir():
         sweep_stale_builds(cache_root)
-    stages = fusion.stage_specs(plan, modules["segmentation"], modules["embedding"], cfg.segmentation.batch_size,
+    stages = fusion.stage_specs(plan, segmentation_source, embedding_source, cfg.segmentation.batch_size,
                                 cfg.embedding.batch_size)
     built: dict[str, BuiltModel] = {}
     for stage in stages:
@@ -239,7 +295,7 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
                            frame_batch_size=cfg.frame_extraction.batch_size)
         # which switches this model realizes (info.json; numeric flags reach the tracked graph metrics)
         extra: dict[str, Any] = {"fusion": list(stage.switches), **{f"fusion_{n}": 1 for n in stage.switches}}
-        args = (stage.kind, stage.module, stage.inputs, stage.outputs, mode, compute_unit)
+        args = (stage.kind, stage.make_module, stage.inputs, stage.outputs, mode, compute_unit)
         # fused graphs are traced on one row (their ops never read the batch size): a per-chunk embedding
         # traced at the full batch holds L x the activations (OOM at 32 chunks on a 24 GB host)
         example_batch = 1 if stage.variant else None
@@ -271,20 +327,20 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
         embedding = BuiltModel("embedding", backend, embedding.path, embedding.info,
                                lambda: fusion.ChainedModel([fbank_load(), network_load()]))
     if "embedding_pool" in built:
-        embedding = _tiled_embedding(cfg, modules["embedding"], embedding, built["embedding_pool"])
+        embedding = _tiled_embedding(cfg, embedding_source.geometry, embedding, built["embedding_pool"])
     return BuiltModels(backend, built["segmentation"], embedding, embedding_dim, weights_sha,
                        preprocessor=built.get("preprocessor"), fbank=built.get("fbank"), stages=stage_models,
                        fusion=realized)
 
 
-def _tiled_embedding(cfg: DictConfig, embedding: torch.nn.Module, trunk: BuiltModel,
-                     pool: BuiltModel) -> BuiltModel:
+def _tiled_embedding(cfg: DictConfig, geometry: Any, trunk: BuiltModel, pool: BuiltModel) -> BuiltModel:
     """``embedding.tiled_trunk``: the trunk and the pooling model as one embedding-stage model
-    (``pipeline.embedding.TiledTrunk``). The chunk step must be a whole number of trunk frames."""
-    from diaropt.models.segmentation import SAMPLE_RATE_HZ
+    (``pipeline.embedding.TiledTrunk``). The chunk step must be a whole number of trunk frames
+    (``geometry``: the network's ``models.constants.EmbeddingGeometry``)."""
+    from diaropt.models.constants import SAMPLE_RATE_HZ
     from diaropt.pipeline.embedding import TiledTrunk
 
-    frame_hop_samples = int(embedding.fbank.frame_shift) * int(embedding.network.time_stride)
+    frame_hop_samples = int(geometry.frame_hop_samples)
     step_samples = cfg.segmentation.step_s * SAMPLE_RATE_HZ
     if abs(step_samples / frame_hop_samples - round(step_samples / frame_hop_samples)) > 1e-6:
         raise BackendUnavailable(
@@ -325,7 +381,8 @@ def _chain_model(backend: str, stages: list[BuiltModel], cache_root: Path, compu
     return BuiltModel("pipeline", "coreml", path, built_info, lambda: coreml_runnable(path, compute_unit, "pipeline"))
 
 
-def _torch_model(kind, module, inputs, outputs, mode, compute_unit, extra: dict[str, Any] | None = None) -> BuiltModel:
+def _torch_model(kind, make_module, inputs, outputs, mode, compute_unit,
+                 extra: dict[str, Any] | None = None) -> BuiltModel:
     from diaropt.backends.torch import TorchModel
 
     if mode != "fp32":
@@ -334,6 +391,7 @@ def _torch_model(kind, module, inputs, outputs, mode, compute_unit, extra: dict[
     if device is None:
         raise BackendUnavailable(f"torch has no compute unit {compute_unit}: use cpu_only or cpu_and_gpu")
     dynamic = [TensorSpec(s.name, (-1, *s.shape[1:]), s.dtype) for s in inputs]
+    module = make_module()
     info = {"num_parameters": sum(p.numel() for p in module.parameters()), **(extra or {})}
     return BuiltModel(kind, "torch", None, info, lambda: TorchModel(module, dynamic, outputs, device))
 
@@ -341,16 +399,19 @@ def _torch_model(kind, module, inputs, outputs, mode, compute_unit, extra: dict[
 def _examples(inputs: list[TensorSpec], batch: int | None) -> tuple[torch.Tensor, ...]:
     """Zero example inputs at the specs' shapes, or with ``batch`` rows (the converted/exported model
     keeps the specs' shapes: ONNX a dynamic batch axis, Core ML the declared fixed shape)."""
+    import torch
+
     return tuple(torch.zeros(s.shape if batch is None else (batch, *s.shape[1:])) for s in inputs)
 
 
-def _onnx_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant,
+def _onnx_model(kind, make_module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant,
                 extra: dict[str, Any] | None = None, example_batch: int | None = None) -> BuiltModel:
     from diaropt.backends import onnxruntime as ort_backend
 
     ort_backend.providers_for(compute_unit)  # refuse early: no build for a run that cannot happen
 
     def build(path: Path) -> dict[str, Any]:
+        module = make_module()  # the torch module: only on a cache miss
         example = _examples(inputs, example_batch)
         if mode == "fp32":
             ort_backend.export_onnx(module, example, inputs, outputs, path)
@@ -368,19 +429,24 @@ def _onnx_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_ro
         return info
 
     path, info = cached_build(cache_root, variant, "model.onnx", build)
-    threads = cfg.backend.num_threads
+    # overlapped stages: one intra-op thread per session (segmentation and embedding run side by side)
+    threads = cfg.backend.num_threads or (1 if cfg.backend.get("overlap_stages", False) else 0)
     level = cfg.backend.ort_optimization_level
     arena = cfg.backend.ort_memory_arena
+    spinning = cfg.backend.get("ort_allow_spinning", None)
+    keep_optimized = bool(cfg.backend.get("ort_cache_optimized", True))
     return BuiltModel(kind, "onnxruntime", path, info,
                       lambda: ort_backend.OnnxRuntimeModel(path, compute_unit, threads, info.get("ort_level", level),
-                                                           arena))
+                                                           arena, allow_spinning=spinning,
+                                                           cache_optimized=keep_optimized))
 
 
-def _coreml_model(kind, module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant,
+def _coreml_model(kind, make_module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant,
                   extra: dict[str, Any] | None = None, example_batch: int | None = None) -> BuiltModel:
     from diaropt.backends import coreml
 
     def build(path: Path) -> dict[str, Any]:
+        module = make_module()  # the torch module: only on a cache miss
         example = _examples(inputs, example_batch)
         if mode in ("fp32", "fp16"):
             start = time.perf_counter()

@@ -38,195 +38,24 @@ S = 160000 samples per chunk, N = 998 fbank frames, D embedding dim):
 Every fused model gives the numbers of the unfused stages (same ops on each row), so the
 pipeline's outputs do not change; ``tests/test_fusion.py`` checks it per switch. The exception is
 ``tiled_trunk``, an approximation measured by DER (``tests/test_tiled_trunk.py``).
+
+The plan (``FusionPlan``, ``stage_specs``, shapes, cache-key payloads) and the chain helpers are
+torch-free in ``variants.fusion_plan`` and re-exported here; this module holds the torch modules.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from diaropt.backends.base import BackendUnavailable, RunnableModel, TensorSpec
-from diaropt.models.segmentation import CHUNK_DURATION_S, NUM_LOCAL_SPEAKERS, NUM_POWERSET_CLASSES, SAMPLE_RATE_HZ, PyanNet
+from diaropt.models.constants import CHUNK_SAMPLES, NUM_FRAMES  # noqa: F401  (re-exported)
 from diaropt.pipeline.preprocessing import POWERSET_MAPPING
-
-CHUNK_SAMPLES = int(CHUNK_DURATION_S * SAMPLE_RATE_HZ)
-NUM_FRAMES = PyanNet.num_output_frames(CHUNK_SAMPLES)
-#: Switch names as recorded (``fusion_<name>`` metrics); ``fbank_model_separate`` is
-#: ``fusion.fbank_in_embedding_model=false``, ``shared_trunk`` / ``tiled_trunk`` are ``embedding.*``.
-SWITCHES: tuple[str, ...] = ("clean_frames_in_graph", "segmentation_with_preprocessor", "embedding_with_post",
-                             "coreml_pipeline", "fbank_model_separate", "shared_trunk", "tiled_trunk")
-
-
-# ----------------------------------------------------------------------------------------------
-# The plan: which models a configuration builds
-
-
-@dataclass(frozen=True)
-class FusionPlan:
-    """The fusion switches of a configuration and the mask parameters baked into graphs."""
-
-    clean_frames_in_graph: bool = False
-    segmentation_with_preprocessor: bool = False
-    embedding_with_post: bool = False
-    coreml_pipeline: bool = False
-    fbank_in_embedding_model: bool = True
-    shared_trunk: bool = False
-    min_num_clean_frames: int = 10
-    min_active_frames: int = 1
-    tiled_trunk: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> FusionPlan:
-        f = cfg.fusion
-        return cls(bool(f.clean_frames_in_graph), bool(f.segmentation_with_preprocessor),
-                   bool(f.embedding_with_post), bool(f.coreml_pipeline), bool(f.fbank_in_embedding_model),
-                   bool(cfg.embedding.shared_trunk), int(cfg.embedding.min_num_clean_frames),
-                   tiled_trunk=bool(cfg.embedding.tiled_trunk))
-
-    @property
-    def per_chunk_embedding(self) -> bool:
-        """Embedding model input masks (B, F, L), output (B, L, D) instead of (B, F) -> (B, D)."""
-        return self.shared_trunk or self.coreml_pipeline
-
-    @property
-    def standalone_preprocessor(self) -> bool:
-        return self.clean_frames_in_graph and not self.segmentation_with_preprocessor
-
-    def realized(self) -> dict[str, int]:
-        """``{switch: 0/1}`` over ``SWITCHES``."""
-        on = {"clean_frames_in_graph": self.clean_frames_in_graph,
-              "segmentation_with_preprocessor": self.segmentation_with_preprocessor,
-              "embedding_with_post": self.embedding_with_post, "coreml_pipeline": self.coreml_pipeline,
-              "fbank_model_separate": not self.fbank_in_embedding_model, "shared_trunk": self.shared_trunk,
-              "tiled_trunk": self.tiled_trunk}
-        return {name: int(on[name]) for name in SWITCHES}
-
-    def check(self) -> None:
-        """``BackendUnavailable`` for combinations no backend can express."""
-        if self.coreml_pipeline and not self.clean_frames_in_graph:
-            raise BackendUnavailable(
-                "fusion.coreml_pipeline chains the segmentation and embedding models, so the embedding masks "
-                "must come out of a graph: it needs fusion.clean_frames_in_graph=true (with false the masks "
-                "are computed in numpy between the two models)")
-        if self.tiled_trunk and not self.shared_trunk:
-            raise BackendUnavailable("embedding.tiled_trunk pools each chunk's speakers over the shared trunk's "
-                                     "frames: it needs embedding.shared_trunk=true")
-        if self.tiled_trunk and self.coreml_pipeline:
-            raise BackendUnavailable("embedding.tiled_trunk assembles each chunk's trunk frames in numpy between "
-                                     "two models, so it cannot run inside fusion.coreml_pipeline's single chain")
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One model to build: its torch module, fixed I/O, and what the builder must know.
-
-    ``kind``: segmentation | preprocessor | fbank | embedding. ``quant_kind``: which model's quant
-    setting applies (None: always fp32). ``variant``: payload keys that distinguish it in the cache
-    (empty for the unfused models, so their cache keys do not change). ``switches``: realized here.
-    """
-
-    kind: str
-    module: nn.Module
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    quant_kind: str | None
-    variant: dict[str, Any]
-    switches: tuple[str, ...]
-
-
-def stage_specs(plan: FusionPlan, segmentation: nn.Module, embedding: nn.Module, segmentation_batch: int,
-                embedding_batch: int) -> list[StageSpec]:
-    """The models of ``plan`` in run order (the order of a chain / Core ML pipeline)."""
-    F, L, S = NUM_FRAMES, NUM_LOCAL_SPEAKERS, CHUNK_SAMPLES
-    D = int(embedding.embedding_dim)
-    Bs = segmentation_batch
-    Be = segmentation_batch if plan.coreml_pipeline else embedding_batch  # one batch of chunks through the chain
-    stages: list[StageSpec] = []
-
-    flat = plan.coreml_pipeline  # the chain feeds the same (B, S) waveforms to segmentation and embedding
-    seg_outputs = [TensorSpec("logprobs", (Bs, F, NUM_POWERSET_CLASSES))]
-    preprocessor_outputs = [TensorSpec("segmentations", (Bs, F, L)), TensorSpec("masks", (Bs, F, L)),
-                            TensorSpec("active", (Bs, L))]
-    seg_variant: dict[str, Any] = {}
-    seg_switches: list[str] = []
-    seg_module: nn.Module = segmentation
-    if plan.segmentation_with_preprocessor or flat:
-        clean = plan.segmentation_with_preprocessor and plan.clean_frames_in_graph
-        preprocessor = GraphPreprocessor(plan.min_num_clean_frames, plan.min_active_frames, clean_frames=clean) \
-            if plan.segmentation_with_preprocessor else None
-        seg_module = SegmentationWithPreprocessor(segmentation, preprocessor, flat_input=flat)
-        if preprocessor is not None:
-            seg_outputs += preprocessor_outputs if clean else preprocessor_outputs[:1]
-            seg_switches.append("segmentation_with_preprocessor")
-            seg_variant["preprocessor"] = preprocessor.variant()
-            if clean:
-                seg_switches.append("clean_frames_in_graph")
-        seg_variant["flat_input"] = flat
-    seg_input = TensorSpec("waveforms", (Bs, S) if flat else (Bs, 1, S))
-    stages.append(StageSpec("segmentation", seg_module, [seg_input], seg_outputs, "segmentation", seg_variant,
-                            tuple(seg_switches)))
-
-    if plan.standalone_preprocessor:
-        preprocessor = GraphPreprocessor(plan.min_num_clean_frames, plan.min_active_frames, clean_frames=True)
-        stages.append(StageSpec("preprocessor", preprocessor, [TensorSpec("logprobs", (Bs, F, NUM_POWERSET_CLASSES))],
-                                preprocessor_outputs, None, {"preprocessor": preprocessor.variant()},
-                                ("clean_frames_in_graph",)))
-
-    emb_switches: list[str] = []
-    if not plan.fbank_in_embedding_model:
-        num_fbank = embedding.fbank.num_frames(S)
-        stages.append(StageSpec("fbank", FbankFrontEnd(embedding), [TensorSpec("waveforms", (Be, S))],
-                                [TensorSpec("features", (Be, num_fbank, 80))], None, {"stage": "fbank"},
-                                ("fbank_model_separate",)))
-        emb_input = TensorSpec("features", (Be, num_fbank, 80))
-        emb_switches.append("fbank_model_separate")
-    else:
-        emb_input = TensorSpec("waveforms", (Be, S))
-    if plan.tiled_trunk:
-        stages += tiled_stage_specs(plan, embedding, emb_input, Be, tuple(emb_switches))
-        return stages
-    per_chunk = plan.per_chunk_embedding
-    module = FusedEmbedding(embedding, fbank_in_model=plan.fbank_in_embedding_model, per_chunk=per_chunk,
-                            shared_trunk=plan.shared_trunk, with_post=plan.embedding_with_post)
-    masks = TensorSpec("masks", (Be, F, L) if per_chunk else (Be, F))
-    outputs = [TensorSpec("embeddings", (Be, L, D) if per_chunk else (Be, D))]
-    if plan.embedding_with_post:
-        outputs.append(TensorSpec("unit_embeddings", outputs[0].shape))
-        if per_chunk:
-            outputs.append(TensorSpec("distances", (Be, L, L)))
-        emb_switches.append("embedding_with_post")
-    if plan.shared_trunk:
-        emb_switches.append("shared_trunk")
-    variant = module.variant()
-    stages.append(StageSpec("embedding", module if variant else embedding, [emb_input, masks], outputs, "embedding",
-                            variant, tuple(emb_switches)))
-    return stages
-
-
-def tiled_stage_specs(plan: FusionPlan, embedding: nn.Module, emb_input: TensorSpec, batch: int,
-                      switches: tuple[str, ...]) -> list[StageSpec]:
-    """``embedding.tiled_trunk``: the trunk (kind ``embedding``, quantized as the embedding) and the
-    pooling model (kind ``embedding_pool``, fp32: a statistics pooling and one dense layer)."""
-    F, L = NUM_FRAMES, NUM_LOCAL_SPEAKERS
-    trunk = TrunkFeatures(embedding, fbank_in_model=plan.fbank_in_embedding_model)
-    with torch.no_grad():
-        channels, trunk_frames = trunk(torch.zeros((1, *emb_input.shape[1:]))).shape[1:]
-    frame_features = TensorSpec("frame_features", (batch, int(channels), int(trunk_frames)))
-    pool = SlotPooling(embedding, with_post=plan.embedding_with_post)
-    D = int(embedding.embedding_dim)
-    outputs = [TensorSpec("embeddings", (batch, L, D))]
-    pool_switches: tuple[str, ...] = ()
-    if plan.embedding_with_post:
-        outputs += [TensorSpec("unit_embeddings", (batch, L, D)), TensorSpec("distances", (batch, L, L))]
-        pool_switches = ("embedding_with_post",)
-    return [StageSpec("embedding", trunk, [emb_input], [frame_features], "embedding", trunk.variant(),
-                      (*switches, "shared_trunk", "tiled_trunk")),
-            StageSpec("embedding_pool", pool, [frame_features, TensorSpec("masks", (batch, F, L))], outputs, None,
-                      pool.variant(), pool_switches)]
+from diaropt.variants.fusion_plan import (SWITCHES, ChainedModel, FusionPlan, InChain, ModelSource,  # noqa: F401
+                                          StageSpec, fused_embedding_variant, memoized, pool_variant,
+                                          preprocessor_variant, stage_specs, tiled_stage_specs, trunk_variant)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,8 +79,7 @@ class GraphPreprocessor(nn.Module):
         self.register_buffer("mapping", torch.from_numpy(np.array(POWERSET_MAPPING)), persistent=False)
 
     def variant(self) -> dict[str, Any]:
-        return {"min_num_clean_frames": self.min_num_clean_frames, "min_active_frames": self.min_active_frames,
-                "clean_frames": self.clean_frames}
+        return preprocessor_variant(self.min_num_clean_frames, self.min_active_frames, self.clean_frames)
 
     def forward(self, logprobs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         best = torch.argmax(logprobs, dim=-1)  # (B, F) int64
@@ -328,10 +156,7 @@ class FusedEmbedding(nn.Module):
         self.per_chunk, self.shared_trunk, self.with_post = per_chunk, shared_trunk, with_post
 
     def variant(self) -> dict[str, Any]:
-        options = {"fbank_in_model": self.fbank is not None, "per_chunk": self.per_chunk,
-                   "shared_trunk": self.shared_trunk, "with_post": self.with_post}
-        defaults = {"fbank_in_model": True, "per_chunk": False, "shared_trunk": False, "with_post": False}
-        return {} if options == defaults else {"embedding_fusion": options}
+        return fused_embedding_variant(self.fbank is not None, self.per_chunk, self.shared_trunk, self.with_post)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.fbank(x) if self.fbank is not None else x
@@ -376,7 +201,7 @@ class TrunkFeatures(nn.Module):
         self.network = embedding.network
 
     def variant(self) -> dict[str, Any]:
-        return {"embedding_fusion": {"fbank_in_model": self.fbank is not None, "stage": "trunk"}}
+        return trunk_variant(self.fbank is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network.frame_features(self.fbank(x) if self.fbank is not None else x)
@@ -392,7 +217,7 @@ class SlotPooling(nn.Module):
         self.with_post = with_post
 
     def variant(self) -> dict[str, Any]:
-        return {"embedding_fusion": {"stage": "pool", "with_post": self.with_post}}
+        return pool_variant(self.with_post)
 
     def forward(self, frame_features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         embeddings = pool_slots(self.network, frame_features, masks)
@@ -400,70 +225,7 @@ class SlotPooling(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Running a chain of models as one
-
-
-class ChainedModel:
-    """Runnable models run back to back in one call, each fed by name from the chain's inputs and
-    the earlier models' outputs (what ``ct.utils.make_pipeline`` does inside Core ML).
-
-    Inputs: those no earlier model produces; outputs: every model's outputs.
-    """
-
-    def __init__(self, models: list[RunnableModel]) -> None:
-        self.models = models
-        produced: set[str] = set()
-        self.inputs: list[TensorSpec] = []
-        self.outputs: list[TensorSpec] = []
-        for model in models:
-            self.inputs += [s for s in model.inputs if s.name not in produced and s.name not in
-                            {i.name for i in self.inputs}]
-            produced |= {s.name for s in model.outputs}
-            self.outputs += model.outputs
-
-    def load(self) -> None:
-        for model in self.models:
-            load = getattr(model, "load", None)
-            if callable(load):
-                load()
-
-    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        values = dict(inputs)
-        results: dict[str, np.ndarray] = {}
-        for model in self.models:
-            out = model(**{s.name: values[s.name] for s in model.inputs})
-            values.update(out)
-            results.update(out)
-        return results
-
-    def sync(self) -> None:
-        for model in self.models:
-            model.sync()
-
-
-class InChain:
-    """Stands for a model that runs inside a chain / pipeline: declared I/O, never called alone."""
-
-    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
-        self.inputs, self.outputs = inputs, outputs
-
-    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        raise RuntimeError("this model runs inside the fusion.coreml_pipeline chain, not on its own")
-
-    def sync(self) -> None:
-        """Nothing to wait for."""
-
-
-def memoized(load: Callable[[], RunnableModel]) -> Callable[[], RunnableModel]:
-    """``load`` called once: a chain and the stage that reports it share one loaded model."""
-    cache: list[RunnableModel] = []
-
-    def once() -> RunnableModel:
-        if not cache:
-            cache.append(load())
-        return cache[0]
-
-    return once
+# Core ML pipelines
 
 
 def make_coreml_pipeline(paths: list[Any], out_path: Any) -> Any:
