@@ -120,6 +120,62 @@ def test_an_interrupted_sweep_leaves_no_run_running(tmp_path: Path, sig: signal.
     assert children == {"0": "FINISHED", "1": "KILLED"}
 
 
+BETWEEN_JOBS_SWEEP = """
+import os, runpy, signal, sys
+import hydra.core.utils as hydra_utils  # the basic launcher imports run_job from it when Hydra scans it
+import diaropt.sweep as sweep
+from diaropt.config import REPO_ROOT
+from diaropt.keys import DER_METRIC
+
+def fake_job(cfg, run, output_dir, backend):
+    run.log_metrics({DER_METRIC: 0.1})
+    return {DER_METRIC: 0.1}
+
+real_run_job = hydra_utils.run_job
+
+def run_job_then_signal(*args, **kwargs):  # the signal arrives after a job returned: no job is running
+    result = real_run_job(*args, **kwargs)
+    if kwargs["config"].hydra.job.num == int(os.environ["AFTER_JOB"]):
+        os.kill(os.getpid(), getattr(signal, os.environ["SIG"]))
+    return result
+
+sweep._run_logged = fake_job
+hydra_utils.run_job = run_job_then_signal
+sys.argv = ["sweep.py", *sys.argv[1:]]
+runpy.run_path(str(REPO_ROOT / "experiments/sweep.py"), run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("sig,after_job,parent_status", [("SIGTERM", 0, "KILLED"), ("SIGINT", 0, "KILLED"),
+                                                         ("SIGTERM", 1, "FINISHED")])
+def test_a_signal_between_jobs_closes_the_parent_at_once(tmp_path: Path, sig: str, after_job: int,
+                                                          parent_status: str) -> None:
+    """Basic launcher, 2 planned jobs, SIGTERM/SIGINT after job ``after_job`` returned (no job running):
+    the parent ends before the process exits, KILLED with ``<signal> between jobs (after job N)``
+    (FINISHED when every planned job had finished), and stderr says how to resume. Was: SIGTERM
+    killed the process with the default action and the parent stayed RUNNING until a later sweep
+    closed it as stale; SIGINT closed it with a generic "launcher error or interrupt" reason."""
+    import os
+
+    script = tmp_path / "between_jobs_sweep.py"
+    script.write_text(BETWEEN_JOBS_SWEEP)
+    command = [sys.executable, str(script), *_fake_sweep_command(tmp_path, "clustering.threshold=0.3,0.4")[2:]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "SIG": sig, "AFTER_JOB": str(after_job)})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    runs = _runs(tmp_path)
+    assert not [r for r in runs if r["status"] == "RUNNING"], output[-3000:]
+    (parent,) = [r for r in runs if r["tags"].get("diaropt.role") == "parent"]
+    assert parent["status"] == parent_status, output[-3000:]
+    assert parent["tags"][TAG_CLOSED_REASON] == f"{sig} between jobs (after job {after_job})"
+    children = sorted((r["tags"]["diaropt.job_num"], r["status"]) for r in runs if r["tags"].get("diaropt.role") == "child")
+    assert children == [(str(n), "FINISHED") for n in range(after_job + 1)]
+    assert f"stopped ({sig} between jobs (after job {after_job})): parent run {parent['run_id']} ended {parent_status}" \
+        in result.stderr
+    assert ("resume=true" in result.stderr) == (parent_status == "KILLED")
+
+
 def test_a_stale_parent_is_closed_at_the_next_sweep_start(tmp_path: Path) -> None:
     """A parent RUNNING whose creator died (SIGKILL, power loss) is closed KILLED by the next sweep
     (was: only stale children were closed)."""
