@@ -590,7 +590,10 @@ def _lock_sweep_dir(sweep_dir: Path):
         print(f"error: sweep dir {sweep_dir} is being run by another process (pid {owner}); wait for it to end "
               "or choose another hydra.sweep.dir (nothing was started)", file=sys.stderr, flush=True)
         sys.exit(2)
-    (folder / ".diaropt-sweep.pid").write_text(str(os.getpid()))
+    from diaropt.files import atomic_path
+
+    with atomic_path(folder / ".diaropt-sweep.pid") as tmp:  # read by a refused second run: never partial
+        tmp.write_text(str(os.getpid()))
     return lock
 
 
@@ -621,9 +624,11 @@ class SweepCallback(Callback):
         planned = checked if str(sweeper.get("_target_", "")).endswith("BasicSweeper") else sweeper.get("n_trials")
         if planned:  # read by each job: tagged on the parent, used when an interrupt closes it
             try:
+                from diaropt.files import atomic_path
+
                 path = Path(config.hydra.sweep.dir).resolve() / PLANNED_FILE
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(str(int(planned)))
+                with atomic_path(path) as tmp:
+                    tmp.write_text(str(int(planned)))
             except OSError as error:
                 log.error("could not write %s: %s", path, error)
 
