@@ -328,3 +328,67 @@ def test_a_joblib_worker_death_fails_its_job_and_the_sweep_goes_on(tmp_path: Pat
     assert children == [("0", "FINISHED"), ("1", "FAILED"), ("1", "FINISHED"), ("2", "FINISHED")]
     (parent,) = [r for r in runs if r["tags"].get("diaropt.role") == "parent"]
     assert parent["status"] == "FINISHED"
+
+
+def test_a_dead_workers_job_is_recorded_failed_without_running_a_sweep(tmp_path: Path) -> None:
+    """:func:`diaropt.sweep.close_dead_worker_job` (what the launcher calls when a worker dies): the
+    job's newest RUNNING child (or one a sibling's stale check already closed as ``process died``)
+    ends FAILED with the reason, the finished child of an earlier run is left alone, and the sweep's
+    status file says failed."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from diaropt.sweep import close_dead_worker_job, read_statuses
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "test")
+    sweep_dir = tmp_path / "sweep"
+    parent_id = tracker.get_or_create_parent(str(sweep_dir.resolve()))
+    earlier = tracker.start_child("clustering.threshold=0.6", parent_id, {"diaropt.job_num": "1"})
+    earlier.end("FINISHED")
+    dead = tracker.start_child("clustering.threshold=0.6", parent_id, {"diaropt.job_num": "1"})
+    other = tracker.start_child("clustering.threshold=0.7", parent_id, {"diaropt.job_num": "2"})
+    closed_by_sibling = tracker.start_child("clustering.threshold=0.8", parent_id, {"diaropt.job_num": "3"})
+    tracker._close(tracker.client.get_run(closed_by_sibling.run_id), "process died")
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}},
+                            "tracking": {"enabled": True, "tracking_uri": uri, "experiment_name": "test"}})
+    reason = "worker process died (exit codes {SIGKILL(-9)})"
+    close_dead_worker_job(cfg, 1, ["clustering.threshold=0.6"], reason)
+    close_dead_worker_job(cfg, 3, ["clustering.threshold=0.8"], reason)
+    for run, status in ((earlier, "FINISHED"), (dead, "FAILED"), (other, "RUNNING"), (closed_by_sibling, "FAILED")):
+        assert tracker.client.get_run(run.run_id).info.status == status
+    tags = tracker.client.get_run(dead.run_id).data.tags
+    assert (tags[TAG_CLOSED_REASON], tags["diaropt.error_type"]) == (reason, "WorkerDied")
+    statuses = {s["job_num"]: s for s in read_statuses(sweep_dir)}
+    assert statuses[1]["status"] == "failed" and statuses[1]["error"] == reason and statuses[1]["run_id"] == dead.run_id
+    assert json.loads((sweep_dir / ".diaropt" / "3.json").read_text())["run_id"] == closed_by_sibling.run_id
+
+
+def test_the_joblib_launcher_options_are_honoured_or_refused() -> None:
+    """``hydra/launcher=joblib`` is diaropt's launcher (conf/hydra/launcher/joblib.yaml, merged with the
+    plugin's schema): n_jobs as joblib means it; options that would change what runs are refused."""
+    from hydra import compose, initialize_config_dir
+
+    from diaropt.config import CONF_DIR, register_configs
+    from diaropt.launcher import check_joblib_options, n_workers, worker_death_reason
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=joblib"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.diaropt_launcher.joblib_launcher.ProcessPerJobLauncher"
+    options = {k: v for k, v in cfg.hydra.launcher.items() if k not in ("_target_", "n_jobs")}
+    check_joblib_options(options)  # the plugin's defaults pass
+    for key, value in (("prefer", "threads"), ("require", "sharedmem"), ("timeout", 10.0), ("backend", "threading")):
+        with pytest.raises(ValueError, match=f"hydra.launcher.{key}={value}: not supported"):
+            check_joblib_options({**options, key: value})
+    with pytest.raises(ValueError, match="unknown option"):
+        check_joblib_options({"n_job": 2})
+    assert n_workers(3) == 3 and n_workers(-1) >= 1
+    with pytest.raises(ValueError):
+        n_workers(0)
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    error = TerminatedWorkerError("A worker process managed by the executor was unexpectedly terminated. ...\n"
+                                  "The exit codes of the workers are {EXIT(3)}\n")
+    assert worker_death_reason(error) == "worker process died (exit codes {EXIT(3)})"
