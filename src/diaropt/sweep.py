@@ -512,12 +512,15 @@ def close_dead_worker_job(cfg: DictConfig, job_num: int, overrides: list[str], r
 
 
 def _close_abandoned_sweep(sweep_dir: str, tracking_uri: str, experiment_name: str, wait_s: float = 10.0) -> None:
-    """At exit of a multirun that did not reach ``on_multirun_end`` (the launcher raised, e.g. joblib's
-    ``TerminatedWorkerError`` when a worker died, or an interrupt between jobs): close its runs.
+    """At exit of a multirun that did not reach ``on_multirun_end`` (a SIGINT/SIGTERM between two jobs,
+    or the launcher raised): close its runs and say so on stderr.
 
     Children of dead workers end KILLED (``process died``) once their processes are gone (the
-    launcher kills the surviving workers; waited for up to ``wait_s``); the parent ends KILLED with
-    ``diaropt.closed_reason`` and is summarised. Best effort: never raises.
+    launcher kills the surviving workers; waited for up to ``wait_s``). The parent ends KILLED with
+    ``diaropt.closed_reason`` (``SIGTERM between jobs (after job N)``, or a launcher error), or
+    FINISHED/FAILED when every planned job had run, and is summarised. A signal during a job is
+    handled by the job (:func:`run_job` closes the parent); this covers the time between jobs.
+    Best effort: never raises.
     """
     if sweep_dir in _ENDED:
         return
@@ -672,4 +675,6 @@ class SweepCallback(Callback):
             print(f"  {len(kept)} run(s) could not reach the MLflow store and are kept in {FALLBACK_DIR}/ folders: "
                   f"store them with `python -m diaropt.tracking relog {sweep_dir}`", flush=True)
         if counts["failed"]:
+            print("  resume=true on the same sweep dir re-runs the failed job(s) and keeps the finished ones",
+                  flush=True)
             sys.exit(1)
