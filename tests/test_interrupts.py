@@ -392,3 +392,40 @@ def test_the_joblib_launcher_options_are_honoured_or_refused() -> None:
     error = TerminatedWorkerError("A worker process managed by the executor was unexpectedly terminated. ...\n"
                                   "The exit codes of the workers are {EXIT(3)}\n")
     assert worker_death_reason(error) == "worker process died (exit codes {EXIT(3)})"
+
+
+def test_an_interrupt_during_an_mlflow_call_is_raised_when_the_call_returns() -> None:
+    """Ctrl-C while the main thread is inside an MLflow call (``retry_locked``): the call completes and
+    ``KeyboardInterrupt`` is raised as it returns, so no SQLite write transaction is cut half-way (one
+    cut by Ctrl-C kept the store locked for the sweep's own closing writes: the parent could not be
+    closed). A second Ctrl-C during the call interrupts at once."""
+    import os
+
+    from diaropt.sweep import _install_sweep_signal_handlers
+    from diaropt.tracking import retry_locked
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    steps: list[str] = []
+
+    def call(signals: int) -> str:
+        for _ in range(signals):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here
+        steps.append("completed")
+        return "ok"
+
+    try:
+        _install_sweep_signal_handlers()
+        with pytest.raises(KeyboardInterrupt):
+            retry_locked(call, 1)
+        assert steps == ["completed"]
+        steps.clear()
+        with pytest.raises(KeyboardInterrupt):
+            retry_locked(call, 2)
+        assert steps == []
+        assert retry_locked(call, 0) == "ok"  # nothing left pending
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])

@@ -449,18 +449,26 @@ def _install_sweep_signal_handlers() -> None:
     Without it a SIGTERM between two jobs (no job's handler installed) killed the process with the
     default action, atexit handlers unrun, and the parent stayed RUNNING until a later sweep closed it.
     A job's own SIGTERM handler (:func:`diaropt.tracking.install_sigterm_handler`) ends its run first
-    and then calls this one. Handlers set by someone else (not the defaults) are left in place.
+    and then calls this one. A signal arriving while the main thread is inside an MLflow call is
+    raised as that call returns (:func:`diaropt.tracking.store.interrupt_after_call`; a second Ctrl-C
+    interrupts at once). Handlers set by someone else (not the defaults) are left in place.
     """
     if threading.current_thread() is not threading.main_thread():
         return
 
+    from diaropt.tracking.store import interrupt_after_call
+
     def on_sigterm(signum: int, frame: Any) -> None:
         _SIGNALLED.append(signal.Signals(signum).name)
-        raise SystemExit(128 + signum)
+        error = SystemExit(128 + signum)
+        if not interrupt_after_call(error):  # else raised when the MLflow call under way returns
+            raise error
 
     def on_sigint(signum: int, frame: Any) -> None:
         _SIGNALLED.append("SIGINT")
-        raise KeyboardInterrupt
+        error = KeyboardInterrupt()
+        if not interrupt_after_call(error):  # a second Ctrl-C during the call interrupts at once
+            raise error
 
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, on_sigterm)
