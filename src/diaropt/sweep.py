@@ -533,9 +533,7 @@ def _close_abandoned_sweep(sweep_dir: str, tracking_uri: str, experiment_name: s
     if sweep_dir in _ENDED:
         return
     try:
-        from diaropt.tracking import Tracker, resolve_tracking_uri, retry_locked
-
-        from diaropt.tracking import sqlite_path
+        from diaropt.tracking import Tracker, resolve_tracking_uri, retry_locked, sqlite_path
 
         uri = resolve_tracking_uri(tracking_uri or None, REPO_ROOT)
         path = sqlite_path(uri)
@@ -545,6 +543,8 @@ def _close_abandoned_sweep(sweep_dir: str, tracking_uri: str, experiment_name: s
         parent_id = tracker.find_parent(sweep_dir)
         if parent_id is None:
             return
+        in_flight = sorted(int(c.data.tags.get(TAG_JOB_NUM, -1)) for c in tracker.children(parent_id)
+                           if c.info.status == "RUNNING")  # jobs of workers the launcher stopped
         deadline = time.monotonic() + wait_s
         while True:
             tracker.close_stale_runs()
@@ -560,7 +560,9 @@ def _close_abandoned_sweep(sweep_dir: str, tracking_uri: str, experiment_name: s
         done = sum(1 for s in statuses if s["status"] in ("finished", "skipped"))
         failed = sum(1 for s in statuses if s["status"] == "failed")
         planned = _planned_jobs({"multirun": True, "sweep_dir": sweep_dir})
-        if _SIGNALLED:
+        if _SIGNALLED and in_flight:  # a parallel launcher: its workers were stopped mid-job
+            reason = f"{_SIGNALLED[-1]} while job(s) {', '.join(map(str, in_flight))} ran in worker processes"
+        elif _SIGNALLED:
             last = max((s["job_num"] for s in statuses), default=None)
             reason = f"{_SIGNALLED[-1]} between jobs" + (f" (after job {last})" if last is not None else "")
         else:
