@@ -134,9 +134,15 @@ def launch(config: DictConfig, hydra_context: HydraContext, task_function: TaskF
         while pending or running:
             while pending and len(running) < workers:
                 idx, overrides = pending.pop(0)
+                args = (execute_job, initial_job_idx + idx, overrides, hydra_context, config, task_function,
+                        singleton_state)
                 executor = idle.pop() if idle else ProcessPoolExecutor(max_workers=1, env=env)
-                future = executor.submit(execute_job, initial_job_idx + idx, overrides, hydra_context, config,
-                                         task_function, singleton_state)
+                try:
+                    future = executor.submit(*args)
+                except BrokenProcessPool:  # an idle worker died between jobs: start a new one
+                    executor.shutdown(wait=True)
+                    executor = ProcessPoolExecutor(max_workers=1, env=env)
+                    future = executor.submit(*args)
                 pids = list(getattr(executor, "_processes", {}))  # loky starts the worker on submit
                 log.info("job %d started in worker pid %s", initial_job_idx + idx, ",".join(map(str, pids)) or "?")
                 running[future] = (idx, overrides, executor, pids)
