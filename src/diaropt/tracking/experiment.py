@@ -131,12 +131,12 @@ class Tracker(Store):
                                        run_name=name[:MAX_RUN_NAME_CHARS], tags=str_tags(all_tags))
                     return run.info.run_id
         run = retry_locked(self.client.get_run, parent_id)
-        owner = sweep_process_tags()
-        if run.data.tags.get(TAG_PID) != owner[TAG_PID]:  # a resumed sweep: the parent lives as long as this one
-            retry_locked(self.client.log_batch, parent_id, tags=[RunTag(k, v) for k, v in owner.items()])
         if run.info.status != "RUNNING":
             log.info("re-opening parent run %s of sweep %s", parent_id, sweep_id)
             retry_locked(self.client.update_run, parent_id, status="RUNNING")
+            # a resumed sweep: the parent now lives as long as this sweep's process, not the dead one's
+            retry_locked(self.client.log_batch, parent_id,
+                         tags=[RunTag(k, v) for k, v in sweep_process_tags().items()])
             if TAG_CLOSED_REASON in run.data.tags:
                 retry_locked(self.client.delete_tag, parent_id, TAG_CLOSED_REASON)
         return parent_id
