@@ -99,7 +99,8 @@ def load_file_set(dataset: str, max_files: int | None, wav_root: Path) -> FileSe
             audio = load_audio(item.audio_path)
             with atomic_path(path) as tmp:
                 sf.write(str(tmp), audio, SAMPLE_RATE_HZ, subtype="PCM_16")
-            stamp.write_text(source_id)
+            with atomic_path(stamp) as tmp:
+                tmp.write_text(source_id)
         wavs[item.uri] = path
         duration_s += sf.info(str(path)).duration
     return FileSet(dataset, items, wavs, duration_s)

@@ -62,7 +62,10 @@ def main() -> None:
                                                                          "confusion_", "num_", "time_", "rtfx"))}
                          for row in result.rows]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=str))
+    from diaropt.files import atomic_path
+
+    with atomic_path(args.out) as tmp:  # a failed write keeps the previous results whole
+        tmp.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {args.out}")
 
 

@@ -51,8 +51,11 @@ def worker(length_min: float, out: Path) -> None:
     loaded = load_configuration("default", [])
     dataset, _ = load_ami_long_form(60 * length_min, Path(default_cache_dir()) / "datasets")
     result = run_dataset(loaded.pipeline, dataset, None, loaded.compile_timer, repeats=1, show_progress=False)
-    out.write_text(json.dumps({k: v for k, v in result.aggregate.items()
-                               if k.startswith(("time_", "rtfx", "share_", "der_"))}))
+    from diaropt.files import atomic_path
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps({k: v for k, v in result.aggregate.items()
+                                   if k.startswith(("time_", "rtfx", "share_", "der_"))}))
 
 
 def _strip_line(frame: str) -> str:
@@ -127,7 +130,10 @@ def write_collapsed(stacks: Counter, path: Path, min_samples: int) -> int:
     while True:
         text = "".join(f"{s} {c}\n" for s, c in stacks.most_common() if c >= threshold)
         if len(text.encode()) <= MAX_COLLAPSED_BYTES:
-            path.write_text(text)
+            from diaropt.files import atomic_path
+
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
             return threshold
         threshold = max(threshold * 2, min_samples)
 
@@ -280,7 +286,10 @@ def main() -> None:
                      f"{profile['kernel_time_ms_per_batch']:.0f} ms per batch)")
         lines += [f"  {100 * row['share']:5.1f} %  {row['op']}" for row in profile["op_types"]]
         lines.append("")
-    summary_txt.write_text("\n".join(lines))
+    from diaropt.files import atomic_path
+
+    with atomic_path(summary_txt) as tmp:
+        tmp.write_text("\n".join(lines))
     print("\n".join(lines[:30]), flush=True)
     results["top_items"] = {
         "python_and_native_self": [row["frame"] for row in summary.get("top_self_in_run", [])[:10]],

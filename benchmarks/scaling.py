@@ -131,7 +131,11 @@ def main() -> None:
     if args.runs_dir is not None:
         args.runs_dir.mkdir(parents=True, exist_ok=True)
     if args.worker is not None:
-        args.worker_out.write_text(json.dumps(worker(args.worker), default=str))
+        from diaropt.files import atomic_path
+
+        result = worker(args.worker)
+        with atomic_path(args.worker_out) as tmp:  # reused by --runs-dir: never a partial file
+            tmp.write_text(json.dumps(result, default=str))
         return
     quiet()
     start_s = time.perf_counter()

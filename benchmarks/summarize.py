@@ -245,7 +245,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: <results-dir>/SUMMARY.md")
     args = parser.parse_args()
     out = args.out or args.results_dir / "SUMMARY.md"
-    out.write_text(summarize(args.results_dir))
+    from diaropt.files import atomic_path
+
+    text = summarize(args.results_dir)
+    with atomic_path(out) as tmp:  # a failed write keeps the previous summary whole
+        tmp.write_text(text)
     print(f"wrote {out}", flush=True)
     return 0
 

@@ -25,6 +25,7 @@ from diaropt.quiet import quiet_third_party
 quiet_third_party()  # before coremltools is imported
 
 from diaropt.config import compose, to_container  # noqa: E402
+from diaropt.files import atomic_path  # noqa: E402
 from diaropt.pipeline.timing import StageTimer  # noqa: E402
 from diaropt.runner import (clustering_from_config, dataset_from_config, load_pipeline,  # noqa: E402
                             params_from_config, run_dataset)
@@ -90,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{' '.join(overrides):60s} DER {100 * result.aggregate['der_pyannote']:6.2f} % "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"dataset": args.dataset, "base": base, "results": results}))
-    args.out.with_suffix(".md").write_text(markdown({"dataset": args.dataset, "results": results}))
+        with atomic_path(args.out) as tmp:  # rewritten after each configuration: never a partial file
+            tmp.write_text(json.dumps({"dataset": args.dataset, "base": base, "results": results}))
+    with atomic_path(args.out.with_suffix(".md")) as tmp:
+        tmp.write_text(markdown({"dataset": args.dataset, "results": results}))
     return 0
 
 

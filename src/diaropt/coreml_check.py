@@ -171,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=1, default=str)
     print(text)
     if args.out:
-        args.out.write_text(text)
+        from diaropt.files import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text)
     if not report["host_is_macos"]:
         print(f"ran: build, executor. Not run here ({report['macos_reason']}): "
               f"{', '.join(report['steps_needing_macos'])}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import warnings
 
 #: coremltools messages that do not apply: (pattern, when it does not apply).
 _COREMLTOOLS_NOISE = (
@@ -34,7 +35,14 @@ _FILTER = _Drop()
 
 
 def quiet_third_party() -> None:
-    """Install the filter on coremltools' loggers (idempotent; call before importing coremltools)."""
+    """Install the filter on coremltools' loggers (idempotent; call before importing coremltools).
+
+    Also drops Hydra's notice that ``conf/hydra/launcher/joblib.yaml`` is merged with the joblib
+    plugin's schema of the same name: diaropt's file replaces the plugin's launcher on purpose and
+    accepts every field of that schema (:mod:`diaropt.launcher`).
+    """
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema",
+                            category=UserWarning)
     for name in ("coremltools", "coremltools.models.model", "coremltools.models.compute_plan"):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -26,7 +27,8 @@ from omegaconf import DictConfig
 
 from diaropt.config import REPO_ROOT, to_container, validate
 from diaropt.keys import (AXIS_TAG_PREFIX, DER_FLUIDAUDIO_METRIC, DER_METRIC, DER_PCT_METRIC, PARITY_OK, PEAK_RSS,
-                          RTFX_METRIC, STAGES, SUMMARY_METRICS, SUMMARY_PARAMS, TAG_CLOSED_REASON, TAG_JOB_NUM,
+                          RTFX_METRIC, STAGES, SUMMARY_METRICS, SUMMARY_PARAMS, TAG_CLOSED_REASON, TAG_ERROR_MESSAGE,
+                          TAG_ERROR_TYPE, TAG_JOB_NUM, TAG_PID,
                           TAG_JOBS_PLANNED, TAG_OVERRIDES, TAG_PARITY_FLAG, TAG_SWEEP_DIR, TAG_TIMINGS_COMPARABLE,
                           TAG_TIMINGS_NOTE, TIME_BUILD, overrides_tag, time_metric)
 
@@ -440,22 +442,101 @@ def _check_sweep_datasets(job_cfgs: list[tuple[list[str], DictConfig]]) -> None:
 
 
 _ENDED: set[str] = set()  # sweep dirs whose on_multirun_end ran in this process
+_SIGNALLED: list[str] = []  # SIGINT/SIGTERM received by the sweep's process (the sweep handlers), oldest first
+
+
+def _install_sweep_signal_handlers() -> None:
+    """Make SIGTERM and SIGINT end the sweep's process through Python (``SystemExit(128 + n)``,
+    ``KeyboardInterrupt``) for the whole multirun, between jobs too, and remember which came.
+
+    Without it a SIGTERM between two jobs (no job's handler installed) killed the process with the
+    default action, atexit handlers unrun, and the parent stayed RUNNING until a later sweep closed it.
+    A job's own SIGTERM handler (:func:`diaropt.tracking.install_sigterm_handler`) ends its run first
+    and then calls this one. A signal arriving while the main thread is inside an MLflow call is
+    raised as that call returns (:func:`diaropt.tracking.store.interrupt_after_call`; a second Ctrl-C
+    interrupts at once). Handlers set by someone else (not the defaults) are left in place.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    from diaropt.tracking.store import interrupt_after_call
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _SIGNALLED.append(signal.Signals(signum).name)
+        error = SystemExit(128 + signum)
+        if not interrupt_after_call(error):  # else raised when the MLflow call under way returns
+            raise error
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        _SIGNALLED.append("SIGINT")
+        error = KeyboardInterrupt()
+        if not interrupt_after_call(error):  # a second Ctrl-C during the call interrupts at once
+            raise error
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
+
+
+def close_dead_worker_job(cfg: DictConfig, job_num: int, overrides: list[str], reason: str,
+                          worker_pids: list[int] | None = None) -> None:
+    """Record a job whose worker process died (called by :mod:`diaropt.launcher` in the sweep's process).
+
+    Its child run (the latest with its ``diaropt.job_num`` under the sweep's parent, RUNNING or already
+    closed as ``process died`` by another job's stale-run check; the worker's pid when known) ends
+    FAILED with ``diaropt.closed_reason``/``diaropt.error_message`` = ``reason`` and
+    ``diaropt.error_type = WorkerDied``; its status file says ``failed``, so the sweep's summary counts
+    it and exits 1. Never raises: the other jobs go on.
+    """
+    sweep_dir = str(Path(cfg.hydra.sweep.dir).resolve())
+    context = {"multirun": True, "sweep_dir": sweep_dir, "job_num": job_num, "overrides": list(overrides)}
+    run_id = None
+    if cfg.tracking.enabled:
+        try:
+            from diaropt.tracking import JobRun, Tracker, resolve_tracking_uri, sqlite_path
+
+            uri = resolve_tracking_uri(cfg.tracking.tracking_uri or None, REPO_ROOT)
+            path = sqlite_path(uri)
+            if path is None or path.is_file():  # a store no job reached: create nothing
+                tracker = Tracker(uri, cfg.tracking.experiment_name)
+                parent_id = tracker.find_parent(sweep_dir)
+                candidates = [] if parent_id is None else [
+                    c for c in tracker.children(parent_id) if c.data.tags.get(TAG_JOB_NUM) == str(job_num)
+                    and (c.info.status == "RUNNING" or (c.info.status == "KILLED"
+                                                        and c.data.tags.get(TAG_CLOSED_REASON) == "process died"))
+                    and (not worker_pids or c.data.tags.get(TAG_PID) in {str(pid) for pid in worker_pids})]
+                if candidates:
+                    child = candidates[-1]  # the newest (children are oldest first)
+                    run = JobRun(tracker.client, child.info.run_id, child.info.run_name)
+                    run.set_tags({TAG_CLOSED_REASON: reason, TAG_ERROR_TYPE: "WorkerDied", TAG_ERROR_MESSAGE: reason})
+                    from diaropt.tracking import retry_locked
+
+                    retry_locked(tracker.client.set_terminated, run.run_id, "FAILED")
+                    run_id = run.run_id
+        except Exception as error:  # noqa: BLE001 - the other jobs matter more; a later start closes it KILLED
+            log.error("could not end the run of job %d (its worker died) FAILED: %s: %s", job_num,
+                      type(error).__name__, error)
+    _write_status(context, "failed", run_id=run_id, error=reason)
+    log.error("job %d (%s): %s; %s; the other jobs go on (resume=true on this sweep dir re-runs it)", job_num,
+              " ".join(overrides), reason, f"its run {run_id} ended FAILED" if run_id else "no run of it was found")
 
 
 def _close_abandoned_sweep(sweep_dir: str, tracking_uri: str, experiment_name: str, wait_s: float = 10.0) -> None:
-    """At exit of a multirun that did not reach ``on_multirun_end`` (the launcher raised, e.g. joblib's
-    ``TerminatedWorkerError`` when a worker died, or an interrupt between jobs): close its runs.
+    """At exit of a multirun that did not reach ``on_multirun_end`` (a SIGINT/SIGTERM between two jobs,
+    or the launcher raised): close its runs and say so on stderr.
 
     Children of dead workers end KILLED (``process died``) once their processes are gone (the
-    launcher kills the surviving workers; waited for up to ``wait_s``); the parent ends KILLED with
-    ``diaropt.closed_reason`` and is summarised. Best effort: never raises.
+    launcher kills the surviving workers; waited for up to ``wait_s``). The parent ends KILLED with
+    ``diaropt.closed_reason`` (``SIGTERM between jobs (after job N)``, or a launcher error), or
+    FINISHED/FAILED when every planned job had run, and is summarised. A signal during a job is
+    handled by the job (:func:`run_job` closes the parent); this covers the time between jobs.
+    Best effort: never raises.
     """
     if sweep_dir in _ENDED:
         return
     try:
-        from diaropt.tracking import Tracker, resolve_tracking_uri, retry_locked
-
-        from diaropt.tracking import sqlite_path
+        from diaropt.tracking import Tracker, resolve_tracking_uri, retry_locked, sqlite_path
 
         uri = resolve_tracking_uri(tracking_uri or None, REPO_ROOT)
         path = sqlite_path(uri)
@@ -465,6 +546,8 @@ def _close_abandoned_sweep(sweep_dir: str, tracking_uri: str, experiment_name: s
         parent_id = tracker.find_parent(sweep_dir)
         if parent_id is None:
             return
+        in_flight = sorted(int(c.data.tags.get(TAG_JOB_NUM, -1)) for c in tracker.children(parent_id)
+                           if c.info.status == "RUNNING")  # jobs of workers the launcher stopped
         deadline = time.monotonic() + wait_s
         while True:
             tracker.close_stale_runs()
@@ -476,11 +559,25 @@ def _close_abandoned_sweep(sweep_dir: str, tracking_uri: str, experiment_name: s
             return
         for child in running:  # a worker still alive after the wait: its run cannot go on without the sweep
             tracker._close(child, "the sweep ended abnormally")
-        retry_locked(tracker.client.set_tag, parent_id, TAG_CLOSED_REASON,
-                     "the sweep ended before its end-of-sweep summary (launcher error or interrupt between jobs)")
-        tracker.finish_parent(parent_id, "KILLED")
-        log.warning("sweep %s ended abnormally: parent run %s ended KILLED", sweep_dir, parent_id)
+        statuses = read_statuses(Path(sweep_dir))
+        done = sum(1 for s in statuses if s["status"] in ("finished", "skipped"))
+        failed = sum(1 for s in statuses if s["status"] == "failed")
+        planned = _planned_jobs({"multirun": True, "sweep_dir": sweep_dir})
+        if _SIGNALLED and in_flight:  # a parallel launcher: its workers were stopped mid-job
+            reason = f"{_SIGNALLED[-1]} while job(s) {', '.join(map(str, in_flight))} ran in worker processes"
+        elif _SIGNALLED:
+            last = max((s["job_num"] for s in statuses), default=None)
+            reason = f"{_SIGNALLED[-1]} between jobs" + (f" (after job {last})" if last is not None else "")
+        else:
+            reason = "the sweep ended before its end-of-sweep summary (launcher error)"
+        status = ("FAILED" if failed else "FINISHED") if planned and done + failed >= planned else "KILLED"
+        retry_locked(tracker.client.set_tag, parent_id, TAG_CLOSED_REASON, reason)
+        tracker.finish_parent(parent_id, status)
         tracker.summarize_parent(parent_id, SUMMARY_METRICS, SUMMARY_PARAMS)
+        print(f"sweep {sweep_dir} stopped ({reason}): parent run {parent_id} ended {status}; {done + failed} of "
+              f"{planned or '?'} planned job(s) ran ({failed} failed)"
+              + ("" if status != "KILLED" else "; run the same command with resume=true to run the rest"),
+              file=sys.stderr, flush=True)
     except Exception as error:  # noqa: BLE001 - at exit: report, never raise
         log.error("could not close the runs of the abandoned sweep %s: %s", sweep_dir, error)
 
@@ -509,7 +606,10 @@ def _lock_sweep_dir(sweep_dir: Path):
         print(f"error: sweep dir {sweep_dir} is being run by another process (pid {owner}); wait for it to end "
               "or choose another hydra.sweep.dir (nothing was started)", file=sys.stderr, flush=True)
         sys.exit(2)
-    (folder / ".diaropt-sweep.pid").write_text(str(os.getpid()))
+    from diaropt.files import atomic_path
+
+    with atomic_path(folder / ".diaropt-sweep.pid") as tmp:  # read by a refused second run: never partial
+        tmp.write_text(str(os.getpid()))
     return lock
 
 
@@ -532,6 +632,7 @@ class SweepCallback(Callback):
             log.warning("sweep dir %s already has %d finished job(s) from an earlier run; without resume=true every "
                         "job runs again and adds new child runs under the same parent (resume=true keeps the "
                         "finished ones)", sweep_dir, len(finished))
+        _install_sweep_signal_handlers()  # between jobs too: a signal then ends the process through atexit
         if config.tracking.enabled:  # Hydra skips on_multirun_end when the launcher raises
             atexit.register(_close_abandoned_sweep, str(sweep_dir), str(config.tracking.tracking_uri or ""),
                             str(config.tracking.experiment_name))
@@ -539,9 +640,11 @@ class SweepCallback(Callback):
         planned = checked if str(sweeper.get("_target_", "")).endswith("BasicSweeper") else sweeper.get("n_trials")
         if planned:  # read by each job: tagged on the parent, used when an interrupt closes it
             try:
+                from diaropt.files import atomic_path
+
                 path = Path(config.hydra.sweep.dir).resolve() / PLANNED_FILE
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(str(int(planned)))
+                with atomic_path(path) as tmp:
+                    tmp.write_text(str(int(planned)))
             except OSError as error:
                 log.error("could not write %s: %s", path, error)
 
@@ -585,4 +688,6 @@ class SweepCallback(Callback):
             print(f"  {len(kept)} run(s) could not reach the MLflow store and are kept in {FALLBACK_DIR}/ folders: "
                   f"store them with `python -m diaropt.tracking relog {sweep_dir}`", flush=True)
         if counts["failed"]:
+            print("  resume=true on the same sweep dir re-runs the failed job(s) and keeps the finished ones",
+                  flush=True)
             sys.exit(1)

@@ -145,7 +145,8 @@ def load_ami_long_form(target_duration_s: float, cache_dir: str | Path, ami_dir:
     if not audio_path.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
         write_rttm(layout.reference, out_dir / f"{uri}.rttm", uri=uri)
-        (out_dir / "placements.json").write_text(json.dumps(layout.placements))
+        with atomic_path(out_dir / "placements.json") as tmp:
+            tmp.write_text(json.dumps(layout.placements))
         with atomic_path(audio_path) as tmp:  # a concurrent reader never sees a partial file
             sf.write(tmp, render_long_form(layout, items), layout.sample_rate_hz, subtype="PCM_16")
     item = DatasetItem(uri, audio_path, layout.reference, layout.uem)

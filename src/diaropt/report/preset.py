@@ -103,5 +103,8 @@ def preset_check(preset_file: Path, row: Mapping[str, Any], name: str) -> str:
 def install_preset(preset_file: Path, conf_dir: Path = CONF_DIR) -> Path:
     """Copy a preset to ``conf/experiment/`` so ``experiment=<name>`` finds it; returns the target."""
     target = Path(conf_dir) / "experiment" / Path(preset_file).name
-    shutil.copyfile(preset_file, target)
+    from diaropt.files import atomic_path
+
+    with atomic_path(target) as tmp:  # a failed copy leaves no partial preset for Hydra to compose
+        shutil.copyfile(preset_file, tmp)
     return target

@@ -18,6 +18,7 @@ import pandas as pd
 from markupsafe import Markup
 
 from diaropt.figures import figure_png
+from diaropt.files import atomic_path
 from diaropt.keys import DER_METRIC, PARITY_METRICS, TAG_RECOMMENDED
 from diaropt.report.analysis import STAGE_GROUPS, axis_effects, parity_table, reproduce_command, scored, timing_table
 from diaropt.report.figures import axis_effects_figure, pareto_figure, sweep_timing_figure
@@ -356,14 +357,20 @@ class Report:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html"}
-        paths["markdown"].write_text(self.document.markdown())
-        paths["html"].write_text(self.document.html())
-        for name, png in self.document.images.items():
-            (out_dir / name).write_bytes(png)
+        # each file is rendered first and written through a temporary file renamed into place: a failed
+        # render or write (full disk) leaves the previous report's file whole, never a partial one
+        files: dict[Path, str | bytes] = {paths["markdown"]: self.document.markdown(),
+                                          paths["html"]: self.document.html()}
+        files.update({out_dir / name: png for name, png in self.document.images.items()})
         if self.preset_text is not None and self.preset_name is not None:
             paths["preset"] = out_dir / "conf" / "experiment" / f"{self.preset_name}.yaml"
-            paths["preset"].parent.mkdir(parents=True, exist_ok=True)
-            paths["preset"].write_text(self.preset_text)
+            files[paths["preset"]] = self.preset_text
+        for path, content in files.items():
+            with atomic_path(path) as tmp:
+                if isinstance(content, bytes):
+                    tmp.write_bytes(content)
+                else:
+                    tmp.write_text(content)
         return paths
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 from filelock import FileLock
-from mlflow.entities import Run
+from mlflow.entities import Run, RunTag
 
 from diaropt.figures import comparison_figure, shorten
 from diaropt.keys import (STAGES, TAG_CLOSED_REASON, TAG_ERROR_TYPE, TAG_HOST, TAG_OVERRIDES, TAG_PARENT, TAG_PID,
@@ -19,7 +19,7 @@ from diaropt.keys import (STAGES, TAG_CLOSED_REASON, TAG_ERROR_TYPE, TAG_HOST, T
                           overrides_from_tag, stage_of)
 from diaropt.provenance import TIMING_TAG
 from diaropt.tracking.flatten import str_tags, truncate
-from diaropt.tracking.host import hostname, pid_alive, process_tags
+from diaropt.tracking.host import hostname, pid_alive, process_tags, sweep_process_tags
 from diaropt.tracking.run import TERMINAL_STATUSES, JobRun
 from diaropt.tracking.store import (LOCK_TIMEOUT_S, MAX_RUN_NAME_CHARS, MAX_TAG_VALUE_CHARS, Store, check_run_id,
                                     retry_locked)
@@ -125,7 +125,7 @@ class Tracker(Store):
                 parent_id = self.find_parent(sweep_id)
                 if parent_id is None:
                     name = run_name or "sweep " + "/".join(Path(sweep_id).parts[-2:])
-                    all_tags = {**(tags or {}), **process_tags(), TAG_SWEEP_ID: sweep_id, TAG_SWEEP_KEY: key,
+                    all_tags = {**(tags or {}), **sweep_process_tags(), TAG_SWEEP_ID: sweep_id, TAG_SWEEP_KEY: key,
                                 TAG_ROLE: "parent"}
                     run = retry_locked(self.client.create_run, self.experiment_id,
                                        run_name=name[:MAX_RUN_NAME_CHARS], tags=str_tags(all_tags))
@@ -134,6 +134,9 @@ class Tracker(Store):
         if run.info.status != "RUNNING":
             log.info("re-opening parent run %s of sweep %s", parent_id, sweep_id)
             retry_locked(self.client.update_run, parent_id, status="RUNNING")
+            # a resumed sweep: the parent now lives as long as this sweep's process, not the dead one's
+            retry_locked(self.client.log_batch, parent_id,
+                         tags=[RunTag(k, v) for k, v in sweep_process_tags().items()])
             if TAG_CLOSED_REASON in run.data.tags:
                 retry_locked(self.client.delete_tag, parent_id, TAG_CLOSED_REASON)
         return parent_id

@@ -76,6 +76,7 @@ class FileClient:
                      "end_time_ms": None, **meta}
         self.params: dict[str, str] = {}
         self.tags: dict[str, str] = {}
+        self.metric_lines: list[str] = []  # metrics.jsonl, rewritten whole (atomically) on each batch
         self._save()
 
     def _save(self) -> None:
@@ -100,34 +101,44 @@ class FileClient:
             self.params[param.key] = param.value
         self.tags.update({tag.key: tag.value for tag in tags})
         metrics = list(metrics)
-        if metrics:
-            with open(self.folder / "metrics.jsonl", "a", encoding="utf-8") as f:
-                for metric in metrics:
-                    f.write(json.dumps({"key": metric.key, "value": metric.value, "timestamp": metric.timestamp,
-                                        "step": metric.step}) + "\n")
+        if metrics:  # rewritten whole: a failed write leaves the previous complete file, never a cut line
+            self.metric_lines += [json.dumps({"key": metric.key, "value": metric.value, "timestamp": metric.timestamp,
+                                              "step": metric.step}) + "\n" for metric in metrics]
+            with atomic_path(self.folder / "metrics.jsonl") as tmp:
+                tmp.write_text("".join(self.metric_lines), encoding="utf-8")
         self._save()
 
+    # Every artifact is written to a temporary file and renamed (diaropt.files.atomic_path): a failed
+    # write (full disk) leaves the previous file or nothing, never a partial one for relog to store.
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self._artifact(artifact_file).write_text(text, encoding="utf-8")
+        with atomic_path(self._artifact(artifact_file)) as tmp:
+            tmp.write_text(text, encoding="utf-8")
 
     def log_dict(self, run_id: str, dictionary: Any, artifact_file: str) -> None:
         """YAML for ``.yaml``/``.yml``, JSON otherwise, formatted as ``MlflowClient.log_dict`` does."""
-        with open(self._artifact(artifact_file), "w", encoding="utf-8") as f:
-            if Path(artifact_file).suffix in (".yaml", ".yml"):
-                yaml.dump(dictionary, f, indent=2, default_flow_style=False)
-            else:
-                json.dump(dictionary, f, indent=2, default=str)
+        if Path(artifact_file).suffix in (".yaml", ".yml"):
+            text = yaml.dump(dictionary, indent=2, default_flow_style=False)
+        else:
+            text = json.dumps(dictionary, indent=2, default=str)
+        self.log_text(run_id, text, artifact_file)
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
         folder = _safe_artifact_path(self.folder / "artifacts", artifact_path)
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(local_path, folder / Path(local_path).name)
+        with atomic_path(folder / Path(local_path).name) as tmp:
+            shutil.copy2(local_path, tmp)
 
     def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
-        shutil.copytree(local_dir, _safe_artifact_path(self.folder / "artifacts", artifact_path), dirs_exist_ok=True)
+        target = _safe_artifact_path(self.folder / "artifacts", artifact_path)
+        for source in sorted(Path(local_dir).rglob("*")):
+            if source.is_file():
+                with atomic_path(target / source.relative_to(local_dir)) as tmp:
+                    shutil.copy2(source, tmp)
 
     def log_figure(self, run_id: str, figure: Any, artifact_file: str, **kwargs: Any) -> None:
-        figure.savefig(self._artifact(artifact_file))
+        path = self._artifact(artifact_file)
+        with atomic_path(path) as tmp:  # the temporary name keeps the suffix: matplotlib infers the format
+            figure.savefig(tmp)
 
     def log_table(self, run_id: str, data: Any, artifact_file: str) -> None:
         frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)

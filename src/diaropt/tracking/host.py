@@ -55,13 +55,26 @@ def pid_alive(pid: int, start_ticks: str | None = None) -> bool:
     return not (start_ticks and len(fields) > 19 and fields[19] != start_ticks)
 
 
-def process_tags() -> dict[str, str]:
-    """This process's pid (with its start time, against pid reuse) and host, as run tags."""
-    tags = {TAG_PID: str(os.getpid()), TAG_HOST: hostname()}
-    start = _proc_start_ticks(os.getpid())
+#: Set by :mod:`diaropt.launcher` in its worker processes: the pid of the process running the sweep.
+SWEEP_PID_ENV = "DIAROPT_SWEEP_PID"
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """A process's pid (default: this one's; with its start time, against pid reuse) and host, as run tags."""
+    pid = os.getpid() if pid is None else pid
+    tags = {TAG_PID: str(pid), TAG_HOST: hostname()}
+    start = _proc_start_ticks(pid)
     if start is not None:
         tags[TAG_PID_START] = start
     return tags
+
+
+def sweep_process_tags() -> dict[str, str]:
+    """:func:`process_tags` of the process running the sweep: a parent run lives as long as it, not
+    as long as the worker process whose job happened to create it (``$DIAROPT_SWEEP_PID``, set by
+    diaropt's joblib launcher; otherwise this process)."""
+    value = os.environ.get(SWEEP_PID_ENV, "")
+    return process_tags(int(value) if value.isdigit() else None)
 
 
 def _cpu_model() -> str:

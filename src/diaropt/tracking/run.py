@@ -23,7 +23,7 @@ from diaropt.figures import job_timing_figure, shorten
 from diaropt.keys import (TAG_CLOSED_REASON, TAG_ERROR_MESSAGE, TAG_ERROR_TYPE, TAG_NONFINITE, TAG_SKIP_REASON,
                           TAG_SKIPPED)
 from diaropt.tracking.flatten import config_dict, flatten_config, param_str, str_tags, to_jsonable
-from diaropt.tracking.store import calls_in_flight, retry_locked
+from diaropt.tracking.store import calls_in_flight, interrupt_after_call, interrupt_pending, retry_locked
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,12 @@ def install_sigterm_handler(run: JobRun) -> Callable[[], None]:
             except Exception:  # noqa: BLE001 - exiting matters more
                 log.exception("could not end run %s on SIGTERM", run.run_id)
         if callable(previous):
-            previous(signum, frame)
-        raise SystemExit(128 + signum)
+            previous(signum, frame)  # the sweep's handler raises, or defers the exit past an MLflow call
+            if interrupt_pending():
+                return
+        error = SystemExit(128 + signum)
+        if not interrupt_after_call(error):  # an MLflow call under way: exit as it returns
+            raise error
 
     signal.signal(signal.SIGTERM, handler)
 

@@ -132,6 +132,8 @@ def is_locked_error(exc: BaseException) -> bool:
 
 _calls_lock = threading.Lock()
 _calls_in_flight = 0  # MLflow calls under way in this process (the SIGTERM handler avoids re-entry)
+_main_calls_in_flight = 0  # those of the main thread (where signal handlers run); changed by it only
+_pending_interrupt: BaseException | None = None  # raised when the main thread's MLflow call returns
 
 
 def calls_in_flight() -> int:
@@ -139,16 +141,39 @@ def calls_in_flight() -> int:
     return _calls_in_flight
 
 
+def interrupt_after_call(error: BaseException) -> bool:
+    """From a signal handler: defer ``error`` (``KeyboardInterrupt``, ``SystemExit``) while the main
+    thread is inside an MLflow call, so the call is not cut mid-transaction (an SQLite write
+    transaction cut by ``KeyboardInterrupt`` kept the database locked for the process's own closing
+    writes); :func:`retry_locked` raises it as the call returns. Returns False when nothing is under
+    way or an interrupt is already pending (a second Ctrl-C): the caller raises at once.
+    """
+    global _pending_interrupt
+    if _main_calls_in_flight > 0 and _pending_interrupt is None:
+        _pending_interrupt = error
+        return True
+    return False
+
+
+def interrupt_pending() -> bool:
+    """An interrupt deferred by :func:`interrupt_after_call` waits for the main thread's MLflow call."""
+    return _pending_interrupt is not None
+
+
 def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = WRITE_ATTEMPTS, **kwargs: Any) -> T:
     """Call ``fn`` (an MLflow call); retry on a locked SQLite database with jittered exponential backoff.
 
-    Also counts the calls under way, so the SIGTERM handler never re-enters the store mid-call.
+    Also counts the calls under way, so the SIGTERM handler never re-enters the store mid-call, and
+    raises an interrupt deferred by :func:`interrupt_after_call` once the main thread's call returns.
     """
-    global _calls_in_flight
+    global _calls_in_flight, _main_calls_in_flight, _pending_interrupt
+    main = threading.current_thread() is threading.main_thread()
     delay_s = _RETRY_FIRST_DELAY_S
     for attempt in range(1, attempts + 1):
         with _calls_lock:
             _calls_in_flight += 1
+        if main:
+            _main_calls_in_flight += 1
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
@@ -158,6 +183,11 @@ def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = WRITE_ATTEMPT
         finally:
             with _calls_lock:
                 _calls_in_flight -= 1
+            if main:
+                _main_calls_in_flight -= 1
+                if _main_calls_in_flight == 0 and _pending_interrupt is not None:
+                    error, _pending_interrupt = _pending_interrupt, None
+                    raise error
         time.sleep(delay_s * random.uniform(1.0, 1.5))
         delay_s = min(2 * delay_s, _RETRY_MAX_DELAY_S)
     raise AssertionError("unreachable")

@@ -16,8 +16,11 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from diaropt.files import atomic_path
 
 
 REFERENCE_ARTIFACTS = {
@@ -27,10 +30,21 @@ REFERENCE_ARTIFACTS = {
 
 
 def _copy(path: Path, out_dir: Path) -> Path:
+    """Copy a model file or package into ``out_dir``; a failed copy leaves the previous one whole."""
     target = out_dir / path.name
-    if target.exists():
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    (shutil.copytree if path.is_dir() else shutil.copy2)(path, target)
+    if path.is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=out_dir))
+        try:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    else:
+        with atomic_path(target) as tmp_file:
+            shutil.copy2(path, tmp_file)
     return target
 
 
@@ -50,15 +64,18 @@ def build_command(overrides: list[str], out_dir: Path) -> dict[str, Any]:
             entry["file"] = str(_copy(model.path, folder))
             for extra in ("info.json", "op_histogram.json"):
                 if (model.path.parent / extra).is_file():
-                    shutil.copy2(model.path.parent / extra, folder / extra)
+                    with atomic_path(folder / extra) as tmp:
+                        shutil.copy2(model.path.parent / extra, tmp)
             histogram_file = model.path.parent / "op_histogram.json"
             if histogram_file.is_file():
                 entry["op_histogram"] = json.loads(histogram_file.read_text())
         else:
             entry["file"] = None  # torch runs the module in process: nothing to build
         summary["models"][model.kind] = entry
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    (out_dir / "config.json").write_text(json.dumps(to_container(cfg), indent=1))
+    with atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1, default=str))
+    with atomic_path(out_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(to_container(cfg), indent=1))
     return summary
 
 
@@ -112,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             text = ops_table_command(args.overrides)
             if args.out is not None:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(text)
+                with atomic_path(args.out) as tmp:
+                    tmp.write_text(text)
             print(text)
     except (HydraException, OmegaConfBaseException, ValueError, FileNotFoundError) as error:  # bad override
         print(f"error: {error}", file=sys.stderr)
