@@ -133,6 +133,15 @@ def test_fold_batchnorm(toy):
     assert pairs == [("conv1", "bn1"), ("conv2", "bn2")]
     assert isinstance(folded.bn1, nn.Identity) and isinstance(toy.bn1, nn.BatchNorm1d)  # a copy
     assert not torch.equal(folded.conv1.weight, toy.conv1.weight)
+    # the fold is evaluated in float64 and rounded once: the weights Core ML and the faithful ONNX
+    # graph start from (and so the cached builds) do not depend on float32 evaluation order
+    for conv, bn in ((toy.conv1, toy.bn1), (toy.conv2, toy.bn2)):
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps) * bn.weight.double()
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        fused = getattr(folded, [n for n, m in toy.named_children() if m is conv][0])
+        torch.testing.assert_close(fused.weight, (conv.weight.double() * scale[:, None, None]).float(), atol=0, rtol=0)
+        torch.testing.assert_close(fused.bias, ((bias - bn.running_mean.double()) * scale + bn.bias.double()).float(),
+                                   atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(folded(*example), toy(*example), atol=1e-5, rtol=0)
 
@@ -245,8 +254,10 @@ def test_fp16_selective_keeps_selected_ops_fp32(coreml_builds):
 
 
 def test_read_dequantized_weights_matches_coremltools(coreml_builds, toy, tmp_path):
-    """Our materialization equals coremltools' own decompression bit for bit, for every layout we
-    produce (iOS16 affine / LUT with packed indices, iOS18 blockwise and grouped-LUT)."""
+    """The read-back weights are exactly the constexpr outputs that compute ops read, decompressed by
+    coremltools (``materialized_val_inference``) and widened to float32 without change, for every
+    layout we produce (iOS16 affine / LUT with packed indices, iOS18 blockwise and grouped-LUT); an
+    int8 weight lies within half a quantization step of the torch weight."""
     lut18, _ = build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "lut18.mlpackage", "palettize4",
                                   minimum_deployment_target="macOS15")
     for path in (coreml_builds["int8"][0], coreml_builds["int4"][0], coreml_builds["palettize6"][0], lut18):
