@@ -494,3 +494,20 @@ def test_int4_block_size_reaches_the_builder_and_the_cache_key(monkeypatch, tmp_
                                         f"paths.cache_dir={tmp_path}"]))
     assert [p["int4_block_size"] for p in seen] == [16, 64]
     assert build.content_key(seen[0]) != build.content_key(seen[1])
+
+
+def test_onnx_builds_carry_the_build_revision_in_the_cache_key(monkeypatch, tmp_path):
+    """ONNX fp16 graphs changed converter (onnxruntime's float16): old cache entries must not be reused."""
+    import diaropt.variants.build as build
+    from diaropt.config import compose
+
+    seen = []
+
+    def fake_cached_build(cache_root, payload, filename, make):
+        seen.append(payload)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(build, "cached_build", fake_cached_build)
+    with pytest.raises(RuntimeError, match="stop"):
+        build.build_models(compose(["backend=onnxruntime", "quant=fp16", f"paths.cache_dir={tmp_path}"]))
+    assert seen[0]["onnx_build_revision"] == build.ONNX_BUILD_REVISION >= 2
