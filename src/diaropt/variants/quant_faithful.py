@@ -138,19 +138,20 @@ def fold_computed_constants(path: Path, feeds: dict[str, np.ndarray]) -> list[st
     model = onnx.load(str(path))
     values = _computed_constants(model, feeds)
     if values:
-        _rewire_to_initializers(model.graph, {name: (f"folded::{name}", value) for name, value in values.items()})
+        _rewire_to_initializers(model, {name: (f"folded::{name}", value) for name, value in values.items()})
         onnx.checker.check_model(model)
         onnx.save(model, str(path))
     return sorted(values)
 
 
-def _rewire_to_initializers(graph, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
+def _rewire_to_initializers(model: onnx.ModelProto, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
     """Readers of each ``name`` read a new initializer ``(new name, value)`` instead; dead nodes pruned."""
+    graph = model.graph
     for name, (new_name, value) in tensors.items():
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), new_name))
     for node in graph.node:
         node.input[:] = [tensors[n][0] if n in tensors else n for n in node.input]
-    _prune(graph)
+    _prune(model)
 
 
 @dataclass
@@ -160,7 +161,7 @@ class _OnnxConstant:
     value: np.ndarray
 
 
-def _onnx_constants(model, feeds: dict[str, np.ndarray]) -> list[_OnnxConstant]:
+def _onnx_constants(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[_OnnxConstant]:
     """Float tensors of ``model`` that do not depend on its inputs: initializers, Constant outputs, and
     computed tensors read by input-dependent nodes."""
     found = [_OnnxConstant("initializer", i.name, numpy_helper.to_array(i)) for i in model.graph.initializer
@@ -229,7 +230,7 @@ def _substitute_onnx_constants(path: Path, weights: dict[str, tuple[np.ndarray, 
     return substituted, not_found
 
 
-def _apply_replacements(model, replacements: dict[str, tuple[_OnnxConstant, np.ndarray]]) -> None:
+def _apply_replacements(model: onnx.ModelProto, replacements: dict[str, tuple[_OnnxConstant, np.ndarray]]) -> None:
     graph = model.graph
     for init in graph.initializer:
         if init.name in replacements:
@@ -243,21 +244,15 @@ def _apply_replacements(model, replacements: dict[str, tuple[_OnnxConstant, np.n
         elif candidate.kind == "computed":
             computed[name] = (f"coreml_dequantized::{name}", value.astype(np.float32))
     if computed:
-        _rewire_to_initializers(graph, computed)
+        _rewire_to_initializers(model, computed)
 
 
-def _prune(graph) -> None:
-    """Drop nodes whose outputs nobody reads, then unread initializers."""
-    while True:
-        read = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
-        dead = [node for node in graph.node if not any(o in read for o in node.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    read = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in read]:
-        graph.initializer.remove(init)
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop the nodes no graph output depends on, then unread initializers (onnxruntime's
+    ``OnnxModel.prune_graph``; graph inputs are kept even when unread)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    OnnxModel(model).prune_graph(allow_remove_graph_inputs=False)
 
 
 def verify_faithful_weights(onnx_path: Path, weights: dict[str, np.ndarray]) -> dict[str, list[str]]:
