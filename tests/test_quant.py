@@ -16,7 +16,9 @@ from diaropt.backends import coreml
 from diaropt.backends import onnxruntime as ort_backend
 from diaropt.backends.base import BackendUnavailable, TensorSpec, is_macos
 from diaropt.backends.onnxruntime import OnnxRuntimeModel
-from diaropt.variants import quant
+from diaropt.variants import quant, quant_coreml, quant_readback
+from diaropt.variants.quant_coreml import build_coreml
+from diaropt.variants.quant_onnx import build_onnx
 
 TOY_IO = ([TensorSpec("x", (2, 16, 64))], [TensorSpec("y", (2, 32, 8))])
 COREML_MODES = ("fp32", "fp16", "fp16_selective", "int8", "int4", "palettize4", "palettize6", "palettize8")
@@ -72,7 +74,7 @@ def toy_inputs() -> np.ndarray:
 def coreml_builds(toy, tmp_path_factory) -> dict[str, tuple]:
     """mode -> (package path, info) for every Core ML mode buildable on this host (~10 s)."""
     root = tmp_path_factory.mktemp("coreml_quant")
-    return {mode: quant.build_coreml(toy, (torch.randn(2, 16, 64),), *TOY_IO, root / f"{mode}.mlpackage", mode)
+    return {mode: build_coreml(toy, (torch.randn(2, 16, 64),), *TOY_IO, root / f"{mode}.mlpackage", mode)
             for mode in COREML_MODES}
 
 
@@ -80,16 +82,16 @@ def coreml_builds(toy, tmp_path_factory) -> dict[str, tuple]:
 def onnx_builds(toy, tmp_path_factory) -> dict[str, tuple]:
     """mode -> (ONNX path, info); "int8_all" is faithful int8 with compress_scope="all"."""
     root = tmp_path_factory.mktemp("onnx_quant")
-    builds = {mode: quant.build_onnx(toy, (torch.randn(2, 16, 64),), *TOY_IO, root / f"{mode}.onnx", mode)
+    builds = {mode: build_onnx(toy, (torch.randn(2, 16, 64),), *TOY_IO, root / f"{mode}.onnx", mode)
               for mode in ("fp32", "fp16", "fp16_selective", "int8_dynamic", "int8", "palettize4")}
-    builds["int8_all"] = quant.build_onnx(toy, (torch.randn(2, 16, 64),), *TOY_IO, root / "int8_all.onnx", "int8",
+    builds["int8_all"] = build_onnx(toy, (torch.randn(2, 16, 64),), *TOY_IO, root / "int8_all.onnx", "int8",
                                           coreml_compress_scope="all")
     return builds
 
 
 def _mil_ops(path) -> list:
     """Every op of a saved package's MIL program (nested blocks included)."""
-    return quant._program_ops(coreml.load_mil_program(path))
+    return coreml.mil_operations(coreml.load_mil_program(path))
 
 
 # ---------------------------------------------------------------------------------------- the axis
@@ -102,7 +104,7 @@ def test_modes_are_the_config_axis():
 
 
 def test_unknown_mode_lists_valid_modes(toy, tmp_path):
-    for build in (quant.build_coreml, quant.build_onnx):
+    for build in (build_coreml, build_onnx):
         with pytest.raises(ValueError) as error:
             build(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "m", "int3")
         assert all(mode in str(error.value) for mode in quant.QUANT_MODES)
@@ -114,23 +116,32 @@ def test_w8a8_refused_off_macos_before_any_work(toy, tmp_path, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("expensive work started before the refusal")
 
-    monkeypatch.setattr(quant, "fold_batchnorm", no_work)
+    monkeypatch.setattr(quant_coreml, "fold_batchnorm", no_work)
     monkeypatch.setattr(coreml, "convert_coreml", no_work)
     with pytest.raises(BackendUnavailable) as error:
-        quant.build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "w8a8.mlpackage", "w8a8")
+        build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "w8a8.mlpackage", "w8a8")
     assert "macOS" in error.value.reason and "calibrat" in error.value.reason
     with pytest.raises(BackendUnavailable, match="calibrat"):  # no ONNX counterpart either
-        quant.build_onnx(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "w8a8.onnx", "w8a8")
+        build_onnx(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "w8a8.onnx", "w8a8")
     with pytest.raises(BackendUnavailable, match="ONNX Runtime"):  # int8_dynamic is ONNX Runtime's
-        quant.build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "d.mlpackage", "int8_dynamic")
+        build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "d.mlpackage", "int8_dynamic")
 
 
 def test_fold_batchnorm(toy):
     example = (torch.randn(2, 16, 64),)
-    folded, pairs = quant.fold_batchnorm(toy, example)
+    folded, pairs = quant_coreml.fold_batchnorm(toy, example)
     assert pairs == [("conv1", "bn1"), ("conv2", "bn2")]
     assert isinstance(folded.bn1, nn.Identity) and isinstance(toy.bn1, nn.BatchNorm1d)  # a copy
     assert not torch.equal(folded.conv1.weight, toy.conv1.weight)
+    # the fold is evaluated in float64 and rounded once: the weights Core ML and the faithful ONNX
+    # graph start from (and so the cached builds) do not depend on float32 evaluation order
+    for conv, bn in ((toy.conv1, toy.bn1), (toy.conv2, toy.bn2)):
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps) * bn.weight.double()
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        fused = getattr(folded, [n for n, m in toy.named_children() if m is conv][0])
+        torch.testing.assert_close(fused.weight, (conv.weight.double() * scale[:, None, None]).float(), atol=0, rtol=0)
+        torch.testing.assert_close(fused.bias, ((bias - bn.running_mean.double()) * scale + bn.bias.double()).float(),
+                                   atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(folded(*example), toy(*example), atol=1e-5, rtol=0)
 
@@ -154,7 +165,7 @@ def test_coreml_conversion_leaves_the_module_alone(tmp_path):
     with torch.no_grad():
         module.bn.running_mean.normal_()
     before = {name: value.clone() for name, value in module.state_dict().items()}
-    quant.build_coreml(module, (torch.zeros(2, 8),), [TensorSpec("x", (2, 8))], [TensorSpec("y", (2, 8))],
+    build_coreml(module, (torch.zeros(2, 8),), [TensorSpec("x", (2, 8))], [TensorSpec("y", (2, 8))],
                        tmp_path / "m.mlpackage", "fp32")
     for name, value in module.state_dict().items():
         assert torch.equal(value, before[name]), name
@@ -216,7 +227,7 @@ def test_int4_targets_ios18_and_blocks_the_input_axis(coreml_builds, toy, tmp_pa
     # conv1 has 16 input channels: not divisible by the default block size 32, so Core ML leaves it
     # (besides the mixing matrix, which is no parameter)
     assert sorted(info["uncompressed_weights"].values()) == [[64, 64], [128, 16, 3]]
-    path16, info16 = quant.build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "b16.mlpackage", "int4",
+    path16, info16 = build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "b16.mlpackage", "int4",
                                         block_size=16)
     assert list(info16["uncompressed_weights"].values()) == [[64, 64]]
     for op in _mil_ops(path16):
@@ -224,7 +235,7 @@ def test_int4_targets_ios18_and_blocks_the_input_axis(coreml_builds, toy, tmp_pa
             data, scale = op.data.val, op.scale.val
             assert data.shape[0] == scale.shape[0] and data.shape[1] == 16 * scale.shape[1]
     with pytest.raises(ValueError, match="macOS15"):
-        quant.build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "x.mlpackage", "int4",
+        build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "x.mlpackage", "int4",
                            minimum_deployment_target="macOS13")
 
 
@@ -243,12 +254,14 @@ def test_fp16_selective_keeps_selected_ops_fp32(coreml_builds):
 
 
 def test_read_dequantized_weights_matches_coremltools(coreml_builds, toy, tmp_path):
-    """Our materialization equals coremltools' own decompression bit for bit, for every layout we
-    produce (iOS16 affine / LUT with packed indices, iOS18 blockwise and grouped-LUT)."""
-    lut18, _ = quant.build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "lut18.mlpackage", "palettize4",
+    """The read-back weights are exactly the constexpr outputs that compute ops read, decompressed by
+    coremltools (``materialized_val_inference``) and widened to float32 without change, for every
+    layout we produce (iOS16 affine / LUT with packed indices, iOS18 blockwise and grouped-LUT); an
+    int8 weight lies within half a quantization step of the torch weight."""
+    lut18, _ = build_coreml(toy, (torch.zeros(2, 16, 64),), *TOY_IO, tmp_path / "lut18.mlpackage", "palettize4",
                                   minimum_deployment_target="macOS15")
     for path in (coreml_builds["int8"][0], coreml_builds["int4"][0], coreml_builds["palettize6"][0], lut18):
-        weights = quant.read_dequantized_weights(path)
+        weights = quant_readback.read_dequantized_weights(path)
         reference = {op.outputs[0].name: op.materialized_val_inference() for op in _mil_ops(path)
                      if op.op_type.startswith("constexpr_")}
         assert weights and set(weights) <= set(reference)
@@ -256,7 +269,7 @@ def test_read_dequantized_weights_matches_coremltools(coreml_builds, toy, tmp_pa
             assert value.dtype == np.float32
             np.testing.assert_array_equal(value, reference[name].astype(np.float32), err_msg=name)
     fc1 = toy.fc1.weight.detach().numpy()
-    int8 = next(v for v in quant.read_dequantized_weights(coreml_builds["int8"][0]).values() if v.shape == fc1.shape)
+    int8 = next(v for v in quant_readback.read_dequantized_weights(coreml_builds["int8"][0]).values() if v.shape == fc1.shape)
     step = np.abs(fc1).max(axis=1, keepdims=True) / 127  # per output channel
     assert 0 < np.abs(int8 - fc1).max() and np.all(np.abs(int8 - fc1) <= 0.5 * step + 1e-3 * np.abs(fc1) + 1e-7)
 
@@ -360,7 +373,7 @@ def _check_faithful(path, info, original: nn.Module, min_fraction: float = 0.9) 
     assert info["unmapped_weights"] == {} and info["unmapped_elements"] == 0
     assert info["faithful_verified_weights"] == info["compressed_weights"] > 0
     assert info["compressed_parameter_fraction"] >= min_fraction
-    weights = quant.read_dequantized_weights(path.parent / info["coreml_package"])
+    weights = quant_readback.read_dequantized_weights(path.parent / info["coreml_package"])
     assert len(weights) == info["compressed_weights"]
     _assert_carries(path, weights)
     # the compression changed them: the original fp32 weights are gone from the graph
@@ -409,7 +422,7 @@ def test_segmentation_model_quant(segmentation_model, dev00_audio, tmp_path):
     def run(path, info):
         return OnnxRuntimeModel(path, optimization_level=info["ort_level"])(waveforms=chunks)["logprobs"]
 
-    path, info = quant.build_onnx(segmentation_model, example, inputs, outputs, tmp_path / "fp16.onnx", "fp16")
+    path, info = build_onnx(segmentation_model, example, inputs, outputs, tmp_path / "fp16.onnx", "fp16")
     levels = list(info["ort_probe"])
     assert levels[-1] == info["ort_level"] and info["ort_probe"][info["ort_level"]] == "ok"
     assert all(outcome != "ok" for level, outcome in info["ort_probe"].items() if level != info["ort_level"])
@@ -419,7 +432,7 @@ def test_segmentation_model_quant(segmentation_model, dev00_audio, tmp_path):
     np.testing.assert_allclose(np.exp(fp16), np.exp(reference), atol=0.05, rtol=0)
 
     for mode, scope in (("int8", "all"), ("palettize4", "parameters")):
-        path, info = quant.build_onnx(segmentation_model, example, inputs, outputs, tmp_path / f"{mode}.onnx", mode,
+        path, info = build_onnx(segmentation_model, example, inputs, outputs, tmp_path / f"{mode}.onnx", mode,
                                       coreml_compress_scope=scope)
         weights = _check_faithful(path, info, segmentation_model, min_fraction=0.98)
         assert sum("lstm" in p for p in info["mapped_parameters"]) == 16  # 4 layers x 2 directions x (ih, hh)
@@ -481,3 +494,20 @@ def test_int4_block_size_reaches_the_builder_and_the_cache_key(monkeypatch, tmp_
                                         f"paths.cache_dir={tmp_path}"]))
     assert [p["int4_block_size"] for p in seen] == [16, 64]
     assert build.content_key(seen[0]) != build.content_key(seen[1])
+
+
+def test_onnx_builds_carry_the_build_revision_in_the_cache_key(monkeypatch, tmp_path):
+    """ONNX fp16 graphs changed converter (onnxruntime's float16): old cache entries must not be reused."""
+    import diaropt.variants.build as build
+    from diaropt.config import compose
+
+    seen = []
+
+    def fake_cached_build(cache_root, payload, filename, make):
+        seen.append(payload)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(build, "cached_build", fake_cached_build)
+    with pytest.raises(RuntimeError, match="stop"):
+        build.build_models(compose(["backend=onnxruntime", "quant=fp16", f"paths.cache_dir={tmp_path}"]))
+    assert seen[0]["onnx_build_revision"] == build.ONNX_BUILD_REVISION >= 2

@@ -7,7 +7,7 @@ axis's options live:
 | axis               | config node          | decided in                         |
 |--------------------|----------------------|------------------------------------|
 | frame_extraction   | ``frame_extraction`` | ``diaropt.models.fbank``           |
-| quant              | ``quant``            | ``diaropt.variants.quant``         |
+| quant              | ``quant``            | ``diaropt.variants.quant`` (built by ``quant_coreml``, ``quant_onnx``, ``quant_faithful``) |
 | fusion             | ``fusion``           | ``diaropt.variants.build``         |
 | compute_unit       | ``compute_unit``     | ``diaropt.backends.*``             |
 | backend            | ``backend``          | ``diaropt.variants.build``         |

@@ -127,12 +127,19 @@ def load_spec(path: Path):
 
 
 def _operations(block) -> list:
+    """Every op of a block, nested blocks included, in order: a protobuf ``Block`` or a PyMIL one
+    (both have ``operations`` and per-op ``blocks``)."""
     found = []
     for op in block.operations:
         found.append(op)
         for nested in op.blocks:
             found.extend(_operations(nested))
     return found
+
+
+def mil_operations(program) -> list:
+    """Every op of a PyMIL ``Program`` (``load_mil_program``): each function's, nested blocks included."""
+    return [op for function in program.functions.values() for op in _operations(function)]
 
 
 def _program_specs(spec) -> list:

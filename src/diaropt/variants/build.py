@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from diaropt.backends.base import BackendUnavailable, RunnableModel, TensorSpec, is_macos
 from diaropt.variants import fusion_plan as fusion  # torch-free: torch loads only when a model is built
+from diaropt.variants.quant import refuse_unbuildable  # torch-free too
 
 if TYPE_CHECKING:
     import torch
@@ -157,18 +158,9 @@ def cached_build(cache_root: Path, payload: dict[str, Any], filename: str,
 
 
 COREML_BUILD_REVISION = 3  # 3: log-softmax kept fp32 in fp16 builds
+ONNX_BUILD_REVISION = 2  # 2: fp16 / fp16_selective graphs from onnxruntime's float16 converter
 
 
-def refuse_unbuildable(mode: str) -> None:
-    """``BackendUnavailable`` before any work for a quant mode this host cannot build: w8a8
-    calibrates activations with Core ML predictions (macOS only)."""
-    if mode == "fp32":  # nothing to calibrate; and variants.quant imports torch
-        return
-    from diaropt.variants import quant
-
-    spec = quant.COREML_QUANT.get(mode)
-    if spec is not None and spec.needs_macos and not is_macos():
-        raise BackendUnavailable(f"quant={mode} cannot be built on this host: {spec.needs_macos}")
 def sweep_stale_builds(cache_root: Path) -> list[Path]:
     """Remove the ``.tmp-<key>-<pid>`` folders of builds that were killed (SIGKILL, power loss); returns them.
 
@@ -302,6 +294,7 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
         if backend == "torch":  # nothing to cache, but the same content key names what the model computes
             built[stage.kind] = _torch_model(*args, extra={**extra, "content_key": content_key(variant)})
         elif backend == "onnxruntime":
+            variant["onnx_build_revision"] = ONNX_BUILD_REVISION
             built[stage.kind] = _onnx_model(*args, cfg, cache_root, variant, extra=extra, example_batch=example_batch)
         elif backend == "coreml":
             variant["batch_size"] = stage.inputs[0].shape[0]  # Core ML shapes are fixed
@@ -417,11 +410,10 @@ def _onnx_model(kind, make_module, inputs, outputs, mode, compute_unit, cfg, cac
             ort_backend.export_onnx(module, example, inputs, outputs, path)
             info: dict[str, Any] = {"onnx_quant_kind": "native"}
         else:
-            from diaropt.variants import quant
+            from diaropt.variants.quant_onnx import build_onnx
 
             options = {"coreml_block_size": variant["int4_block_size"]} if "int4_block_size" in variant else {}
-            path, info = quant.build_onnx(module, example, inputs, outputs, path, mode, work_dir=path.parent,
-                                          **options)
+            path, info = build_onnx(module, example, inputs, outputs, path, mode, work_dir=path.parent, **options)
         histogram = ort_backend.op_histogram(path)
         (path.parent / "op_histogram.json").write_text(json.dumps(histogram, indent=1))
         info.update(onnx_slice_ops=ort_backend.data_slice_count(path), onnx_ops=sum(histogram.values()),
@@ -453,10 +445,10 @@ def _coreml_model(kind, make_module, inputs, outputs, mode, compute_unit, cfg, c
             coreml.convert_coreml(module, example, inputs, outputs, path, precision=mode)
             info: dict[str, Any] = {"convert_s": time.perf_counter() - start, "deployment_target": "macOS13"}
         else:
-            from diaropt.variants import quant
+            from diaropt.variants.quant_coreml import build_coreml
 
             options = {"block_size": variant["int4_block_size"]} if "int4_block_size" in variant else {}
-            path, info = quant.build_coreml(module, example, inputs, outputs, path, mode, **options)
+            path, info = build_coreml(module, example, inputs, outputs, path, mode, **options)
         histogram = coreml.op_histogram(path)
         (path.parent / "op_histogram.json").write_text(json.dumps(histogram, indent=1))
         info.update(coreml_slice_by_index_ops=histogram.get("slice_by_index", 0),

@@ -1,0 +1,151 @@
+"""The quant axis on ONNX Runtime: an exported graph per mode, transformed with onnxruntime's own tools.
+
+``fp16`` / ``fp16_selective``: onnxruntime's ``transformers.float16.convert_float_to_float16``
+(``keep_io_types=True``; ``fp16_selective`` adds ``quant.ONNX_FP32_OPS`` and every ``Reduce*`` to
+the op block list), after the input-independent computed tensors (SincNet's filters) are folded
+into fp32 initializers, as Core ML's conversion does. ``int8_dynamic``:
+``onnxruntime.quantization.quantize_dynamic``. Faithful modes (the Core ML compressions) are built
+by ``variants.quant_faithful``. The choices themselves live in ``variants.quant``.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import onnx
+import torch
+from onnx import TensorProto
+from torch import nn
+
+from diaropt.backends.base import TensorSpec
+from diaropt.variants.quant import ONNX_OPTIONS, onnx_quant, with_defaults
+from diaropt.variants.quant_faithful import build_faithful, fold_computed_constants, zero_feeds
+
+
+def convert_onnx_fp16(src: Path, dst: Path, keep_fp32_ops: Iterable[str] = ()) -> dict[str, int]:
+    """Write ``src`` with fp16 weights and compute to ``dst``; graph inputs and outputs stay fp32.
+
+    The conversion is onnxruntime's ``float16.convert_float_to_float16`` through
+    ``OnnxModel.convert_float_to_float16`` (which also drops cascaded and useless Casts), with
+    ``keep_io_types=True`` and the op block list ``float16.DEFAULT_OP_BLOCK_LIST`` plus
+    ``keep_fp32_ops`` (and every ``Reduce*`` when that set is non-empty): blocked nodes compute in
+    fp32 behind Casts. Float values beyond fp16's range are clipped to +-65504 and nonzero values
+    below its smallest subnormal become +-5.96e-8 (the library's defaults). The nodes are then
+    sorted topologically (the library appends its Casts), value_info re-inferred, and the result
+    passes ``onnx.checker`` (full check). Returns counts: fp16 / fp32 compute nodes, Casts.
+
+    Raises:
+        onnx.checker.ValidationError / onnx.shape_inference.InferenceError: the converted graph is invalid.
+    """
+    from onnxruntime.transformers import float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    keep = frozenset(keep_fp32_ops)
+    reduce_ops = {schema.name for schema in onnx.defs.get_all_schemas() if schema.name.startswith("Reduce")}
+    block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | keep | (reduce_ops if keep else set()))
+    converted = OnnxModel(onnx.load(str(src)))
+    converted.convert_float_to_float16(use_symbolic_shape_infer=False, keep_io_types=True, op_block_list=block)
+    converted.topological_sort(is_deterministic=True)
+    model = converted.model
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return _precision_counts(model)
+
+
+def _precision_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Compute nodes writing fp16 / fp32 tensors, and Cast nodes, in a shape-inferred graph."""
+    graph = model.graph
+    dtype = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.output]}
+    counts: collections.Counter[str] = collections.Counter()
+    for node in graph.node:
+        if node.op_type == "Cast":
+            counts["casts"] += 1
+            continue
+        written = {dtype.get(name) for name in node.output}
+        if TensorProto.FLOAT16 in written:
+            counts["fp16_nodes"] += 1
+        elif TensorProto.FLOAT in written:
+            counts["fp32_nodes"] += 1
+    return dict(counts)
+
+
+def _quantize_dynamic(src: Path, dst: Path, op_types: Iterable[str], per_channel: bool) -> dict[str, Any]:
+    """int8 weights (initializers of ``op_types``) with ``quantize_dynamic``; fails if nothing was quantized."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                     op_types_to_quantize=list(op_types))
+    counts = collections.Counter(node.op_type for node in onnx.load(str(dst), load_external_data=False).graph.node)
+    quantized = {k: v for k, v in sorted(counts.items())
+                 if k in ("MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul")}
+    if not quantized:
+        raise RuntimeError(f"quantize_dynamic quantized nothing in {src.name} (op types {list(op_types)}): "
+                           "int8_dynamic would be the fp32 graph")
+    return {"dynamic_op_types": list(op_types), "dynamic_per_channel": per_channel, "quantized_ops": quantized}
+
+
+def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
+               outputs: list[TensorSpec], path: Path, mode: str, work_dir: Path | None = None,
+               **options: Any) -> tuple[Path, dict[str, Any]]:
+    """Export ``module`` to an ONNX graph at ``path`` realizing quant ``mode``; (path, info).
+
+    ``example_inputs`` are traced (float32); ``inputs`` / ``outputs`` name the graph's float32
+    tensors, whose batch axis is dynamic. Native modes transform the exported fp32 graph (``fp16`` /
+    ``fp16_selective``: ``convert_onnx_fp16``; ``int8_dynamic``: ``quantize_dynamic`` with int8
+    weights on ``dynamic_op_types``). Faithful modes build the Core ML package of ``mode`` under
+    ``work_dir`` (options ``coreml_<option>`` go to ``quant_coreml.build_coreml``) and carry its
+    dequantized weights (``quant_faithful.build_faithful``). Defaults: ``quant.ONNX_OPTIONS``.
+
+    Unless ``probe=False``, a CPU session is built and run once in a child process at
+    ``optimization_level`` and lower levels until one works (ONNX Runtime crashes on some fp16
+    conv+LSTM graphs at the highest level); ``info["ort_level"]`` is the level to use and
+    ``info["ort_probe"]`` the outcome per level tried.
+
+    Raises:
+        ValueError: an unknown mode. TypeError: an unknown option.
+        BackendUnavailable: the mode has no ONNX realization (w8a8), before any work.
+        RuntimeError: int8_dynamic quantized nothing; a faithful graph lacks a Core ML weight; no
+            optimization level works.
+    """
+    from diaropt.backends import onnxruntime as ort_backend
+
+    spec = onnx_quant(mode)
+    options = with_defaults(options, ONNX_OPTIONS, "build_onnx")
+    path = Path(path)
+    work_dir = Path(work_dir) if work_dir is not None else path.parent
+    work = work_dir / f"{path.stem}_{mode}_work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    info: dict[str, Any] = {"quant": mode, "onnx_quant_kind": spec.kind, "onnx_quant": spec.description}
+    start = time.perf_counter()
+    if spec.kind == "faithful_coreml":
+        info.update(build_faithful(module, example_inputs, inputs, outputs, path, mode, work, options))
+    elif mode == "fp32":
+        ort_backend.export_onnx(module, example_inputs, inputs, outputs, path)
+    else:
+        fp32 = ort_backend.export_onnx(module, example_inputs, inputs, outputs, work / "fp32.onnx")
+        if mode in ("fp16", "fp16_selective"):
+            # in fp32 first, as Core ML does
+            info["folded_constants"] = fold_computed_constants(fp32, zero_feeds(inputs, example_inputs))
+            keep = options["keep_fp32_ops"] if mode == "fp16_selective" else ()
+            info["fp16_conversion"] = convert_onnx_fp16(fp32, path, keep)
+        elif mode == "int8_dynamic":
+            info.update(_quantize_dynamic(fp32, path, options["dynamic_op_types"], options["dynamic_per_channel"]))
+        fp32.unlink()
+    info["build_onnx_s"] = time.perf_counter() - start
+    info["onnx_size_bytes"] = path.stat().st_size
+    if not options["keep_work"] or not any(work.iterdir()):
+        shutil.rmtree(work, ignore_errors=True)
+    if options["probe"]:
+        feeds = {s.name: (tuple(t.shape), s.dtype) for s, t in zip(inputs, example_inputs)}
+        level, outcomes = ort_backend.usable_optimization_level(path, feeds, options["optimization_level"],
+                                                                options["probe_timeout_s"])
+        info.update(ort_level=level, ort_probe=outcomes)
+    return path, info
