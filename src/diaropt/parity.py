@@ -169,12 +169,47 @@ def run_parity(cfg: DictConfig, backend: str, result) -> dict[str, float]:
     if is_reference(cfg, backend):
         return exact_parity(der)
     reference_cfg = reference_config(cfg)
-    log.info("parity: running the fp32 torch reference on the same files")
-    built = build_models(reference_cfg)
-    timer = StageTimer()
-    pipeline = load_pipeline(reference_cfg, built, timer)
-    reference = run_dataset(pipeline, dataset_from_config(reference_cfg), None, timer,
-                            max_duration_s=reference_cfg.dataset.max_duration_s, show_progress=False,
-                            keep_arrays=True)
+    key = reference_key(reference_cfg)
+    reference = _REFERENCE_RUNS.get(key)
+    if reference is not None:
+        log.info("parity: the fp32 torch reference of these files was run earlier in this process; reusing it")
+    else:
+        log.info("parity: running the fp32 torch reference on the same files (network outputs cached on disk, "
+                 "so a later job of the sweep only re-clusters)")
+        built = build_models(reference_cfg)
+        timer = StageTimer()
+        pipeline = load_pipeline(reference_cfg, built, timer)
+        reference = run_dataset(pipeline, dataset_from_config(reference_cfg), None, timer,
+                                max_duration_s=reference_cfg.dataset.max_duration_s, keep_arrays=True,
+                                desc="parity reference (torch fp32)")
+        _REFERENCE_RUNS.clear()  # one reference in memory: a sweep's jobs share one
+        _REFERENCE_RUNS[key] = reference
     files = [compare_file(result.outputs[uri].arrays, reference.outputs[uri].arrays) for uri in result.outputs]
     return parity_metrics(files, der, reference.aggregate[DER_METRIC], cfg.parity.cosine_floor)
+
+
+#: reference_key -> the reference run (``runner.DatasetResult``) of the last parity check in this process:
+#: the jobs of a sweep run by the basic launcher share one process and, mostly, one reference.
+_REFERENCE_RUNS: dict[str, Any] = {}
+
+#: Config keys that do not change the reference's outputs: where results go, the job's own timing and
+#: quantization (the reference is fp32 torch whatever ``quant`` says), what the sweeper reads.
+_NOT_REFERENCE_KEYS = ("hydra", "tracking", "paths.output_dir", "quant", "repeats", "objectives", "resume",
+                       "experiment_preset")
+
+
+def reference_key(reference_cfg: DictConfig) -> str:
+    """Identity of a reference run: sha256 of the reference configuration without
+    :data:`_NOT_REFERENCE_KEYS` (dataset, windowing, models, clustering and post-processing stay in)."""
+    import hashlib
+    import json
+
+    container = OmegaConf.to_container(reference_cfg, resolve=True, enum_to_str=True)
+    for dotted in _NOT_REFERENCE_KEYS:
+        *parents, last = dotted.split(".")
+        node = container
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()
