@@ -21,6 +21,7 @@ The reference's network outputs are cached (``ArrayCache``) so a sweep computes 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -176,12 +177,16 @@ def run_parity(cfg: DictConfig, backend: str, result) -> dict[str, float]:
     else:
         log.info("parity: running the fp32 torch reference on the same files (network outputs cached on disk, "
                  "so a later job of the sweep only re-clusters)")
+        start = time.perf_counter()
         built = build_models(reference_cfg)
         timer = StageTimer()
         pipeline = load_pipeline(reference_cfg, built, timer)
         reference = run_dataset(pipeline, dataset_from_config(reference_cfg), None, timer,
                                 max_duration_s=reference_cfg.dataset.max_duration_s, keep_arrays=True,
                                 desc="parity reference (torch fp32)")
+        hits = int(reference.aggregate.get("array_cache_hits", 0))
+        log.info("parity: reference of %d file(s) in %.0f s (%d from the array cache)", len(reference.outputs),
+                 time.perf_counter() - start, hits)
         _REFERENCE_RUNS.clear()  # one reference in memory: a sweep's jobs share one
         _REFERENCE_RUNS[key] = reference
     files = [compare_file(result.outputs[uri].arrays, reference.outputs[uri].arrays) for uri in result.outputs]
