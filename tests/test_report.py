@@ -362,6 +362,7 @@ def test_report_command_on_a_real_sweep(tiny_sweep, tmp_path):
     assert "composes to the recommended run's logged configuration" in markdown, markdown
     sweep = report.load_sweep(experiment, None, uri)
     assert set(sweep.runs["parity"]) <= {"ok", "flagged"}  # parity is on by default: every child was checked
+    assert set(sweep.runs["metrics.repeats"]) == {3.0}  # repeats=null: timed (target) jobs run 3 passes
     assert "| ok |" in markdown or "| flagged |" in markdown
     tagged = sweep.runs[sweep.runs["tags.diaropt.recommended"] == "true"]
     assert len(tagged) == 1
