@@ -97,7 +97,7 @@ def test_a_sweep_runs_the_reference_once_per_audio_and_reference_configuration(m
     calls = []
     monkeypatch.setattr(parity, "_REFERENCE_RUNS", {})
     monkeypatch.setattr(build, "build_models", lambda cfg: "built")
-    monkeypatch.setattr(runner, "load_pipeline", lambda cfg, built, timer: "pipeline")
+    monkeypatch.setattr(runner, "load_pipeline", lambda cfg, built, timer, progress=None, warm_up=True: "pipeline")
     monkeypatch.setattr(runner, "dataset_from_config", lambda cfg: "dataset")
     monkeypatch.setattr(runner, "run_dataset", lambda *args, **kwargs: calls.append(kwargs) or reference)
     job = SimpleNamespace(outputs={"a": SimpleNamespace(arrays=arrays(0))}, aggregate={DER_METRIC: 0.25})

@@ -163,7 +163,7 @@ def run_parity(cfg: DictConfig, backend: str, result) -> dict[str, float]:
     """Parity of a finished job (``runner.DatasetResult`` with arrays kept) against the reference,
     which is run here (its network outputs cached across jobs). Not part of the job's timings."""
     from diaropt.pipeline.timing import StageTimer
-    from diaropt.runner import dataset_from_config, load_pipeline, run_dataset
+    from diaropt.runner import ChunkProgress, dataset_from_config, load_pipeline, run_dataset
     from diaropt.variants.build import build_models
 
     der = result.aggregate[DER_METRIC]
@@ -180,10 +180,12 @@ def run_parity(cfg: DictConfig, backend: str, result) -> dict[str, float]:
         start = time.perf_counter()
         built = build_models(reference_cfg)
         timer = StageTimer()
-        pipeline = load_pipeline(reference_cfg, built, timer)
+        chunks = ChunkProgress()  # the stage under way (chunks segmented, speakers embedded), on a terminal
+        pipeline = load_pipeline(reference_cfg, built, timer, chunks, warm_up=False)  # its timings are not reported
         reference = run_dataset(pipeline, dataset_from_config(reference_cfg), None, timer,
                                 max_duration_s=reference_cfg.dataset.max_duration_s, keep_arrays=True,
                                 desc="parity reference (torch fp32)")
+        chunks.close()
         hits = int(reference.aggregate.get("array_cache_hits", 0))
         log.info("parity: reference of %d file(s) in %.0f s (%d from the array cache)", len(reference.outputs),
                  time.perf_counter() - start, hits)

@@ -137,8 +137,9 @@ class ChunkProgress:
 
 
 def load_pipeline(cfg: DictConfig, built: BuiltModels, timer: StageTimer,
-                  progress: ChunkProgress | None = None) -> DiarizationPipeline:
-    """Load both models (timed as ``compile``: Core ML compilation, session creation) and warm up."""
+                  progress: ChunkProgress | None = None, warm_up: bool = True) -> DiarizationPipeline:
+    """Load both models (timed as ``compile``: Core ML compilation, session creation) and warm up
+    (``warm_up=False``: a run whose timings are not reported, e.g. the parity reference)."""
     with timer.stage("compile"):
         segmentation_model = built.segmentation.load()
         embedding_model = built.embedding.load()
@@ -152,7 +153,8 @@ def load_pipeline(cfg: DictConfig, built: BuiltModels, timer: StageTimer,
                                    preprocessor_model=preprocessor_model)
     if cfg.cache_arrays:
         pipeline.array_cache = ArrayCache(_cache_root(cfg) / "arrays", array_identity(cfg, built))
-    pipeline.warm_up(timer)
+    if warm_up:
+        pipeline.warm_up(timer)
     return pipeline
 
 
@@ -206,8 +208,9 @@ def run_dataset(pipeline: DiarizationPipeline, dataset: Dataset, rttm_dir: Path 
         timer = StageTimer(pipeline.sync)
         timer.merge(compile_timer)
         audio_duration_s = 0.0
-        for item in progress_bars.iterate(dataset, desc=f"{desc} (repeat {repeat + 1}/{repeats})", unit="file",
-                                          label=lambda item: item.uri, disable=None if show_progress else True):
+        title = f"{desc} (repeat {repeat + 1}/{repeats})" if repeats > 1 else desc
+        for item in progress_bars.iterate(dataset, desc=title, unit="file", label=lambda item: item.uri,
+                                          disable=None if show_progress else True):
             file_timer = StageTimer(pipeline.sync)
             with file_timer.stage("audio"):  # decoding is part of the work
                 audio, reference, uem = _crop_item(item, load_audio(item.audio_path), max_duration_s)
