@@ -107,3 +107,23 @@ def test_log_lines_are_printed_above_a_bar_not_into_it(terminal, monkeypatch):
             root.removeHandler(handler)
         text = terminal.getvalue()
         assert "line 0\n" in text and "line 1\n" in text  # whole lines, each ended before a bar redraw
+
+
+def test_third_party_bars_are_turned_off_when_stderr_is_not_a_terminal(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "")  # recorded, so the variable is restored after the test
+    monkeypatch.delenv("TQDM_DISABLE")
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    progress.plain_output_off_terminal()
+    assert __import__("os").environ["TQDM_DISABLE"] == "1"
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # the user's own choice is kept
+    progress.plain_output_off_terminal()
+    assert __import__("os").environ["TQDM_DISABLE"] == "0"
+
+
+def test_third_party_bars_stay_on_a_terminal(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    monkeypatch.delenv("TQDM_DISABLE")
+    monkeypatch.delenv("DIAROPT_PROGRESS", raising=False)
+    monkeypatch.setattr("sys.stderr", FakeTerminal())
+    progress.plain_output_off_terminal()
+    assert "TQDM_DISABLE" not in __import__("os").environ

@@ -8,8 +8,9 @@ console stay plain log lines. Call sites are one-liners::
     for item in progress.iterate(dataset, desc="files", unit="file", label=lambda item: item.uri): ...
     with progress.step("building embedding onnxruntime int8"): ...   # one line with the elapsed time
 
-The bars write through ``tqdm.write``-safe handles: a log line printed while a bar is shown goes
-above it (``logging_redirect``), never into it.
+While a bar is shown, log lines printed to the terminal go above it (:func:`logging_redirect`),
+never into it. Off a terminal, third-party tqdm bars (coremltools' conversion passes) are turned off
+too (:func:`plain_output_off_terminal`, called by ``diaropt.quiet.quiet_third_party``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import logging
 import os
 import sys
 import threading
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from tqdm.auto import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -45,6 +47,8 @@ def bar(iterable: Iterable[Any] | None = None, *, desc: str, total: float | None
     """A tqdm bar on stderr (``file``), disabled unless :func:`enabled` (or ``disable`` says otherwise).
 
     ``unit="B"`` scales to kB/MB/GB (``unit_scale`` and 1024 divisor are set for it)."""
+    from tqdm.auto import tqdm  # here, not at import: see plain_output_off_terminal
+
     file = sys.stderr if file is None else file
     if disable is None:
         disable = not enabled(file)
@@ -104,6 +108,15 @@ def logging_redirect() -> Iterator[None]:
 
     with logging_redirect_tqdm([logging.getLogger()]):
         yield
+
+
+def plain_output_off_terminal() -> None:
+    """Set ``TQDM_DISABLE=1`` when stderr is not a terminal (and the variable is unset), so that the
+    bars third-party code draws with tqdm (coremltools' conversion passes) do not fill a redirected
+    log with carriage-return frames. tqdm reads the variable when it is first imported: call this at
+    an entry point, before anything imports tqdm (``diaropt.quiet.quiet_third_party`` does)."""
+    if "TQDM_DISABLE" not in os.environ and not enabled():
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 def size_text(num_bytes: float) -> str:

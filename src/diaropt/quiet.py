@@ -34,7 +34,11 @@ _FILTER = _Drop()
 
 
 def quiet_third_party() -> None:
-    """Install the filter on coremltools' loggers (idempotent; call before importing coremltools)."""
+    """Install the filter on coremltools' loggers (idempotent; call before importing coremltools), and
+    turn third-party tqdm bars off when stderr is not a terminal (``diaropt.progress``)."""
+    from diaropt.progress import plain_output_off_terminal
+
+    plain_output_off_terminal()
     for name in ("coremltools", "coremltools.models.model", "coremltools.models.compute_plan"):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
