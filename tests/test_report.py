@@ -198,6 +198,12 @@ def test_speed_ranked_only_among_comparable_target_timings(store, tmp_path):
     assert not done.loc[ids["int8"], "on_front"] and not done.loc[ids["flagged"], "on_front"]
     assert done.loc[ids["fp16_sel"], "on_front"]
     markdown = report.build_report(sweep, selection).document.markdown()
+    # no speed of a proxy beside a configuration's own: the axis medians leave it out, the timing table names it
+    effects = report.axis_effects(sweep.runs, sweep.axes).set_index(["axis", "value"])
+    assert np.isnan(effects.loc[("quant", "int8"), "rtfx_median"]) and effects.loc[("quant", "int8"), "timed_runs"] == 0
+    assert effects.loc[("quant", "fp32"), "rtfx_median"] == pytest.approx(2.0)
+    labels = report.timing_table(sweep.runs).set_index("run_id")["label"]
+    assert labels[ids["int8"]].endswith("[timing proxy]") and "[timing" not in labels[ids["fp32"]]
     assert "backend(s) `onnxruntime`; numerics source(s) `onnxruntime`" in markdown
     assert "## Compared without speed" in markdown and PROXY_REASON in markdown
     assert "never on the front: `quant=int8` (timing proxy), `quant=int4` (parity flagged)" in markdown
