@@ -385,3 +385,20 @@ def test_notebook_runs_against_a_real_sweep(tiny_sweep, tmp_path):
     outputs = run_notebook(tmp_path, experiment_name=experiment, tracking_uri=uri)
     text = "".join(o.get("text", "") for o in outputs)
     assert "python experiments/sweep.py" in text and "# @package _global_" in text
+
+
+def test_parent_comparison_plot_totals_are_the_reports_time_total():
+    """summary/comparison.png annotates each bar with time_total_s (median over repeats of each repeat's
+    total), the report's number, not the sum of the per-stage medians."""
+    import pandas as pd
+
+    from diaropt.figures import comparison_figure
+
+    frame = pd.DataFrame({"metrics.rtfx": [2.0], "metrics.der_pyannote": [0.3], "metrics.time_segmentation_s": [1.0],
+                          "metrics.time_embedding_s": [2.0], "metrics.time_total_s": [3.5],
+                          "metrics.time_total_s_min": [3.2], "metrics.time_total_s_max": [4.0],
+                          "metrics.repeats": [3.0]})
+    figure = comparison_figure(frame, ["quant=fp16"], "rtfx", "der_pyannote")
+    texts = [t.get_text().strip() for ax in figure.axes for t in ax.texts]
+    assert any(t.startswith("3.50 s") and "median of 3" in t for t in texts), texts
+    assert not any(t.startswith("3.00 s") for t in texts)
