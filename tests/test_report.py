@@ -159,10 +159,14 @@ def test_no_qualifying_run_is_said_clearly(store):
 def test_no_fp32_child_means_no_baseline_and_no_ranking(store):
     parent, ids = store.sweep([
         {"name": "fp16", "overrides": ["quant=fp16"], "der": 0.12, "rtfx": 3.0, "parity": OK},
-        {"name": "int8", "overrides": ["quant=int8"], "der": 0.11, "rtfx": 4.0, "parity": OK},
+        {"name": "int8", "overrides": ["quant=int8"], "der": 0.11, "rtfx": 4.0, "parity": OK,
+         "tags": {"diaropt.timing_source": "proxy", "diaropt.timing_source_reason": "Core ML weights in ORT fp32"}},
     ], "no-fp32")
     _, selection = select(store, parent)
     assert selection.baseline_run_id is None  # never silently the best-DER child
+    verdict = selection.candidates.set_index("run_id")["reason"]
+    assert verdict[ids["fp16"]] == "no baseline"  # and the proxy would not be ranked by speed with one either
+    assert verdict[ids["int8"]] == "no baseline; timing proxy: not ranked by speed"
     assert "no finished fp32 child in this sweep" in selection.baseline_note
     assert selection.recommended_run_id is None
     markdown = report.build_report(report.load_sweep(EXPERIMENT, parent, store.uri), selection).document.markdown()
