@@ -166,7 +166,7 @@ def test_no_fp32_child_means_no_baseline_and_no_ranking(store):
     assert selection.baseline_run_id is None  # never silently the best-DER child
     verdict = selection.candidates.set_index("run_id")["reason"]
     assert verdict[ids["fp16"]] == "no baseline"  # and the proxy would not be ranked by speed with one either
-    assert verdict[ids["int8"]] == "no baseline; timing proxy: not ranked by speed"
+    assert verdict[ids["int8"]] == "no baseline, timing proxy: not ranked by speed"
     assert "no finished fp32 child in this sweep" in selection.baseline_note
     assert selection.recommended_run_id is None
     markdown = report.build_report(report.load_sweep(EXPERIMENT, parent, store.uri), selection).document.markdown()

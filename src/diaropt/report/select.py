@@ -135,7 +135,7 @@ def _verdict(row: Mapping[str, object], baseline: Mapping[str, object] | None, t
         source = row.get("timing_source", "unrecorded")
         if source != "target":
             also.append(f"timing {source}: not ranked by speed")
-        return "; ".join(["no baseline", *also])
+        return ", ".join(["no baseline", *also])
     base_der = float(baseline["der"])
     if der > base_der + tolerance + 1e-12:
         return f"DER {100 * (der - base_der):+.2f} pts vs baseline (tolerance {100 * tolerance:.2f})"
