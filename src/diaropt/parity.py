@@ -181,7 +181,7 @@ def run_parity(cfg: DictConfig, backend: str, result) -> dict[str, float]:
         built = build_models(reference_cfg)
         timer = StageTimer()
         chunks = ChunkProgress()  # the stage under way (chunks segmented, speakers embedded), on a terminal
-        pipeline = load_pipeline(reference_cfg, built, timer, chunks, warm_up=False)  # its timings are not reported
+        pipeline = load_pipeline(reference_cfg, built, timer, chunks)
         reference = run_dataset(pipeline, dataset_from_config(reference_cfg), None, timer,
                                 max_duration_s=reference_cfg.dataset.max_duration_s, keep_arrays=True,
                                 desc="parity reference (torch fp32)")
