@@ -84,3 +84,31 @@ def test_reference_config_keeps_the_job_data_and_clustering():
     assert reference_config(exact).embedding.shared_trunk is False  # exact paths: the per-pair reference
     tiled = reference_config(compose(["embedding.tiled_trunk=true"]))  # an approximation: judged by DER
     assert tiled.embedding.shared_trunk and tiled.embedding.tiled_trunk and is_reference(tiled, "torch")
+
+
+def test_a_sweep_runs_the_reference_once_per_audio_and_reference_configuration(monkeypatch):
+    """The jobs of one sweep (one process, basic launcher) share the fp32 torch reference: quant does
+    not change it, clustering does."""
+    from types import SimpleNamespace
+
+    import diaropt.parity as parity
+    import diaropt.runner as runner
+    import diaropt.variants.build as build
+    from diaropt.keys import DER_METRIC
+
+    reference = SimpleNamespace(outputs={"a": SimpleNamespace(arrays=arrays(0))}, aggregate={DER_METRIC: 0.20})
+    calls = []
+    monkeypatch.setattr(parity, "_REFERENCE_RUNS", {})
+    monkeypatch.setattr(build, "build_models", lambda cfg: "built")
+    monkeypatch.setattr(runner, "load_pipeline", lambda cfg, built, timer, progress=None, warm_up=True: "pipeline")
+    monkeypatch.setattr(runner, "dataset_from_config", lambda cfg: "dataset")
+    monkeypatch.setattr(runner, "run_dataset", lambda *args, **kwargs: calls.append(kwargs) or reference)
+    job = SimpleNamespace(outputs={"a": SimpleNamespace(arrays=arrays(0))}, aggregate={DER_METRIC: 0.25})
+    for overrides in (["quant=fp32"], ["quant=fp16"], ["quant=int8", "repeats=5"]):
+        metrics = parity.run_parity(compose(["backend=onnxruntime", *overrides]), "onnxruntime", job)
+        assert metrics["parity_der_delta"] == pytest.approx(0.05) and metrics["parity_ok"] == 1.0
+    assert len(calls) == 1 and calls[0]["keep_arrays"] and calls[0]["desc"].startswith("parity reference")
+    parity.run_parity(compose(["backend=onnxruntime", "clustering.threshold=0.7"]), "onnxruntime", job)
+    assert len(calls) == 2  # another clustering: another reference
+    a, b = (parity.reference_key(reference_config(compose(o))) for o in (["quant=int8"], ["dataset=sample"]))
+    assert a != b

@@ -4,6 +4,8 @@ compressed Core ML package bit for bit (toy model and the real segmentation mode
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
@@ -325,12 +327,18 @@ def test_onnx_int8_dynamic_runs_and_is_smaller(onnx_builds, toy_inputs):
     assert 0 < difference < 0.02  # probabilities
 
 
-def test_ort_level_falls_back_when_a_level_crashes(onnx_builds, monkeypatch):
+def test_ort_level_falls_back_when_a_level_crashes(onnx_builds, monkeypatch, caplog):
     path, _ = onnx_builds["fp16"]
+    crash = "was ended by SIGSEGV inside ONNX Runtime"
     monkeypatch.setattr(ort_backend, "probe_session", lambda p, feeds, level, timeout_s: (
-        "crashed with SIGSEGV" if level == "all" else None))
-    level, outcomes = ort_backend.usable_optimization_level(path, {"x": ((1, 16, 64), "float32")})
-    assert level == "extended" and outcomes == {"all": "crashed with SIGSEGV", "extended": "ok"}
+        crash if level == "all" else None))
+    with caplog.at_level(logging.INFO, logger=ort_backend.log.name):
+        level, outcomes = ort_backend.usable_optimization_level(path, {"x": ((1, 16, 64), "float32")})
+    assert level == "extended" and outcomes == {"all": crash, "extended": "ok"}
+    # what happened and what was done, at INFO: not a crash of the user's job
+    (record,) = [r for r in caplog.records if r.name == ort_backend.log.name]
+    assert record.levelno == logging.INFO
+    assert "probe process" in record.message and "'extended' instead" in record.message
     monkeypatch.setattr(ort_backend, "probe_session", lambda *a, **k: "failed (exit 1): no kernel")
     with pytest.raises(RuntimeError, match="no onnxruntime optimization level"):
         ort_backend.usable_optimization_level(path, {"x": ((1, 16, 64), "float32")})

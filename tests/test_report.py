@@ -159,10 +159,14 @@ def test_no_qualifying_run_is_said_clearly(store):
 def test_no_fp32_child_means_no_baseline_and_no_ranking(store):
     parent, ids = store.sweep([
         {"name": "fp16", "overrides": ["quant=fp16"], "der": 0.12, "rtfx": 3.0, "parity": OK},
-        {"name": "int8", "overrides": ["quant=int8"], "der": 0.11, "rtfx": 4.0, "parity": OK},
+        {"name": "int8", "overrides": ["quant=int8"], "der": 0.11, "rtfx": 4.0, "parity": OK,
+         "tags": {"diaropt.timing_source": "proxy", "diaropt.timing_source_reason": "Core ML weights in ORT fp32"}},
     ], "no-fp32")
     _, selection = select(store, parent)
     assert selection.baseline_run_id is None  # never silently the best-DER child
+    verdict = selection.candidates.set_index("run_id")["reason"]
+    assert verdict[ids["fp16"]] == "no baseline"  # and the proxy would not be ranked by speed with one either
+    assert verdict[ids["int8"]] == "no baseline, timing proxy: not ranked by speed"
     assert "no finished fp32 child in this sweep" in selection.baseline_note
     assert selection.recommended_run_id is None
     markdown = report.build_report(report.load_sweep(EXPERIMENT, parent, store.uri), selection).document.markdown()
@@ -198,6 +202,12 @@ def test_speed_ranked_only_among_comparable_target_timings(store, tmp_path):
     assert not done.loc[ids["int8"], "on_front"] and not done.loc[ids["flagged"], "on_front"]
     assert done.loc[ids["fp16_sel"], "on_front"]
     markdown = report.build_report(sweep, selection).document.markdown()
+    # no speed of a proxy beside a configuration's own: the axis medians leave it out, the timing table names it
+    effects = report.axis_effects(sweep.runs, sweep.axes).set_index(["axis", "value"])
+    assert np.isnan(effects.loc[("quant", "int8"), "rtfx_median"]) and effects.loc[("quant", "int8"), "timed_runs"] == 0
+    assert effects.loc[("quant", "fp32"), "rtfx_median"] == pytest.approx(2.0)
+    labels = report.timing_table(sweep.runs).set_index("run_id")["label"]
+    assert labels[ids["int8"]].endswith("[timing proxy]") and "[timing" not in labels[ids["fp32"]]
     assert "backend(s) `onnxruntime`; numerics source(s) `onnxruntime`" in markdown
     assert "## Compared without speed" in markdown and PROXY_REASON in markdown
     assert "never on the front: `quant=int8` (timing proxy), `quant=int4` (parity flagged)" in markdown
@@ -362,6 +372,7 @@ def test_report_command_on_a_real_sweep(tiny_sweep, tmp_path):
     assert "composes to the recommended run's logged configuration" in markdown, markdown
     sweep = report.load_sweep(experiment, None, uri)
     assert set(sweep.runs["parity"]) <= {"ok", "flagged"}  # parity is on by default: every child was checked
+    assert set(sweep.runs["metrics.repeats"]) == {3.0}  # repeats=null: timed (target) jobs run 3 passes
     assert "| ok |" in markdown or "| flagged |" in markdown
     tagged = sweep.runs[sweep.runs["tags.diaropt.recommended"] == "true"]
     assert len(tagged) == 1
@@ -378,3 +389,20 @@ def test_notebook_runs_against_a_real_sweep(tiny_sweep, tmp_path):
     outputs = run_notebook(tmp_path, experiment_name=experiment, tracking_uri=uri)
     text = "".join(o.get("text", "") for o in outputs)
     assert "python experiments/sweep.py" in text and "# @package _global_" in text
+
+
+def test_parent_comparison_plot_totals_are_the_reports_time_total():
+    """summary/comparison.png annotates each bar with time_total_s (median over repeats of each repeat's
+    total), the report's number, not the sum of the per-stage medians."""
+    import pandas as pd
+
+    from diaropt.figures import comparison_figure
+
+    frame = pd.DataFrame({"metrics.rtfx": [2.0], "metrics.der_pyannote": [0.3], "metrics.time_segmentation_s": [1.0],
+                          "metrics.time_embedding_s": [2.0], "metrics.time_total_s": [3.5],
+                          "metrics.time_total_s_min": [3.2], "metrics.time_total_s_max": [4.0],
+                          "metrics.repeats": [3.0]})
+    figure = comparison_figure(frame, ["quant=fp16"], "rtfx", "der_pyannote")
+    texts = [t.get_text().strip() for ax in figure.axes for t in ax.texts]
+    assert any(t.startswith("3.50 s") and "median of 3" in t for t in texts), texts
+    assert not any(t.startswith("3.00 s") for t in texts)

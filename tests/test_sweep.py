@@ -49,6 +49,9 @@ def test_multirun_logs_one_parent_and_a_child_per_quant_value(tmp_path):
     assert (children["metrics.der_pyannote_pct"] == 100 * children["metrics.der_pyannote"]).all()
     assert parents["tags.mlflow.runName"].iloc[0].startswith("quant=fp32,fp16 @ ")  # named by the swept axis
     assert "libcoremlpython" not in result.stderr and "has not been tested with coremltools" not in result.stderr
+    # output redirected (not a terminal): plain log lines, no progress-bar frames of ours or a library's
+    assert "\r" not in result.stdout + result.stderr
+    assert (children["metrics.repeats"] == 3).all()  # repeats=null: timed (target) jobs run 3 passes
     # parity against the fp32 torch reference: fp32 ONNX Runtime matches it to float rounding
     fp32 = children[children["params.quant.mode"] == "fp32"].iloc[0]
     assert fp32["metrics.parity_emb_cos_min"] > 0.9999 and fp32["metrics.parity_ok"] == 1

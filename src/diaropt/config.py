@@ -270,7 +270,9 @@ class Config:
     parity: ParityConfig = field(default_factory=ParityConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    repeats: int = bounded(1, ge=1)
+    # timed passes over the dataset per job; null: 3 for a job whose timings are measured (timing source
+    # target or proxy), 1 otherwise (diaropt.provenance.effective_repeats, logged as metric `repeats`)
+    repeats: Optional[int] = bounded(None, ge=1)
     torch_threads: int = bounded(0, ge=0)  # 0: torch's default
     resume: bool = False
     # reuse segmentation outputs and embeddings per (audio, models): for sweeps over clustering or

@@ -137,7 +137,18 @@ def comparison_figure(frame: pd.DataFrame, labels: Sequence[str], x_metric: str,
     columns = _stage_columns(frame)
     if columns:
         seconds = frame[columns].apply(pd.to_numeric, errors="coerce").fillna(0.0).to_numpy()
-        stage_bars(bar_ax, list(labels), [stage_of(c.removeprefix("metrics.")) for c in columns], seconds)
+
+        def column(name: str) -> np.ndarray:
+            return pd.to_numeric(frame.get(f"metrics.{name}", pd.Series(np.nan, index=frame.index)),
+                                 errors="coerce").to_numpy(dtype=float)
+
+        # the total as the report gives it: time_total_s, the median over repeats of each repeat's total
+        # (not the sum of the per-stage medians), with its min-max; the stage sum where it is missing
+        totals, repeats = column("time_total_s"), np.nan_to_num(column("repeats"), nan=1.0)
+        totals = np.where(np.isnan(totals), seconds.sum(axis=1), totals)
+        spread = tuple(np.where(repeats > 1, column(f"time_total_s_{end}"), np.nan) for end in ("min", "max"))
+        stage_bars(bar_ax, list(labels), [stage_of(c.removeprefix("metrics.")) for c in columns], seconds,
+                   totals=totals, spread=spread, notes=[f" (median of {int(r)})" if r > 1 else "" for r in repeats])
     else:
         empty(figure, "no time_*_s metrics", bar_ax)
     return figure

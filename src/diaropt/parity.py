@@ -21,6 +21,7 @@ The reference's network outputs are cached (``ArrayCache``) so a sweep computes 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -164,19 +165,60 @@ def run_parity(cfg: DictConfig, backend: str, result) -> dict[str, float]:
     """Parity of a finished job (``runner.DatasetResult`` with arrays kept) against the reference,
     which is run here (its network outputs cached across jobs). Not part of the job's timings."""
     from diaropt.pipeline.timing import StageTimer
-    from diaropt.runner import dataset_from_config, load_pipeline, run_dataset
+    from diaropt.runner import ChunkProgress, dataset_from_config, load_pipeline, run_dataset
     from diaropt.variants.build import build_models
 
     der = result.aggregate[DER_METRIC]
     if is_reference(cfg, backend):
         return exact_parity(der)
     reference_cfg = reference_config(cfg)
-    log.info("parity: running the fp32 torch reference on the same files")
-    built = build_models(reference_cfg)
-    timer = StageTimer()
-    pipeline = load_pipeline(reference_cfg, built, timer)
-    reference = run_dataset(pipeline, dataset_from_config(reference_cfg), None, timer,
-                            max_duration_s=reference_cfg.dataset.max_duration_s, show_progress=False,
-                            keep_arrays=True)
+    key = reference_key(reference_cfg)
+    reference = _REFERENCE_RUNS.get(key)
+    if reference is not None:
+        log.info("parity: the fp32 torch reference of these files was run earlier in this process; reusing it")
+    else:
+        log.info("parity: running the fp32 torch reference on the same files (network outputs cached on disk, "
+                 "so a later job of the sweep only re-clusters)")
+        start = time.perf_counter()
+        built = build_models(reference_cfg)
+        timer = StageTimer()
+        chunks = ChunkProgress()  # the stage under way (chunks segmented, speakers embedded), on a terminal
+        pipeline = load_pipeline(reference_cfg, built, timer, chunks)
+        reference = run_dataset(pipeline, dataset_from_config(reference_cfg), None, timer,
+                                max_duration_s=reference_cfg.dataset.max_duration_s, keep_arrays=True,
+                                desc="parity reference (torch fp32)")
+        chunks.close()
+        hits = int(reference.aggregate.get("array_cache_hits", 0))
+        log.info("parity: reference of %d file(s) in %.0f s (%d from the array cache)", len(reference.outputs),
+                 time.perf_counter() - start, hits)
+        _REFERENCE_RUNS.clear()  # one reference in memory: a sweep's jobs share one
+        _REFERENCE_RUNS[key] = reference
     files = [compare_file(result.outputs[uri].arrays, reference.outputs[uri].arrays) for uri in result.outputs]
     return parity_metrics(files, der, reference.aggregate[DER_METRIC], cfg.parity.cosine_floor)
+
+
+#: reference_key -> the reference run (``runner.DatasetResult``) of the last parity check in this process:
+#: the jobs of a sweep run by the basic launcher share one process and, mostly, one reference.
+_REFERENCE_RUNS: dict[str, Any] = {}
+
+#: Config keys that do not change the reference's outputs: where results go, the job's own timing and
+#: quantization (the reference is fp32 torch whatever ``quant`` says), what the sweeper reads.
+_NOT_REFERENCE_KEYS = ("hydra", "tracking", "paths.output_dir", "quant", "repeats", "objectives", "resume",
+                       "experiment_preset")
+
+
+def reference_key(reference_cfg: DictConfig) -> str:
+    """Identity of a reference run: sha256 of the reference configuration without
+    :data:`_NOT_REFERENCE_KEYS` (dataset, windowing, models, clustering and post-processing stay in)."""
+    import hashlib
+    import json
+
+    container = OmegaConf.to_container(reference_cfg, resolve=True, enum_to_str=True)
+    for dotted in _NOT_REFERENCE_KEYS:
+        *parents, last = dotted.split(".")
+        node = container
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()

@@ -75,6 +75,26 @@ def provenance(backend: str, quant_mode: str, macos: bool) -> Provenance:
     raise ValueError(f"unknown backend {backend!r}")
 
 
+#: Timed passes over the dataset when ``repeats`` is null and the job's timings are measured: enough for
+#: a min-max spread, so a speed difference inside run-to-run noise is not taken for a win (issue 16).
+TIMED_REPEATS = 3
+
+
+def effective_repeats(requested: int | None, source: Provenance) -> int:
+    """Passes over the dataset for a job: ``requested`` if set (``repeats=N``), else
+    :data:`TIMED_REPEATS` when the job's timings are measured (``target`` or ``proxy``) and 1 when
+    they are not (``not_measured``: extra passes would only repeat identical numerics).
+
+    Raises:
+        ValueError: ``requested`` < 1.
+    """
+    if requested is None:
+        return TIMED_REPEATS if source.logs_timings else 1
+    if int(requested) < 1:
+        raise ValueError(f"repeats = {requested}: must be >= 1")
+    return int(requested)
+
+
 def is_timing(metric: str) -> bool:
     return metric.startswith(TIMING_PREFIXES)
 

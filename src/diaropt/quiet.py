@@ -35,12 +35,16 @@ _FILTER = _Drop()
 
 
 def quiet_third_party() -> None:
-    """Install the filter on coremltools' loggers (idempotent; call before importing coremltools).
+    """Install the filter on coremltools' loggers (idempotent; call before importing coremltools), and
+    turn third-party tqdm bars off when stderr is not a terminal (``diaropt.progress``).
 
     Also drops Hydra's notice that ``conf/hydra/launcher/joblib.yaml`` is merged with the joblib
     plugin's schema of the same name: diaropt's file replaces the plugin's launcher on purpose and
     accepts every field of that schema (:mod:`diaropt.launcher`).
     """
+    from diaropt.progress import plain_output_off_terminal
+
+    plain_output_off_terminal()
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema",
                             category=UserWarning)
     for name in ("coremltools", "coremltools.models.model", "coremltools.models.compute_plan"):

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from pyannote.core import Segment, Timeline
-from tqdm.auto import tqdm
 
+from diaropt import progress as progress_bars
 from diaropt.data.annotations import DataError, write_rttm
 from diaropt.data.datasets import Dataset, DatasetItem
 from diaropt.pipeline.audio import SAMPLE_RATE_HZ, load_audio
@@ -118,8 +118,8 @@ class ChunkProgress:
     """tqdm bars per stage (chunks segmented, speakers embedded), reused across files."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.bars: dict[str, tqdm] = {}
+        self.enabled = enabled and progress_bars.enabled()  # a terminal, TQDM_DISABLE unset
+        self.bars: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
@@ -128,7 +128,7 @@ class ChunkProgress:
         if bar is None or bar.total != total or bar.n >= bar.total:
             if bar is not None:
                 bar.close()
-            bar = self.bars[stage] = tqdm(total=total, desc=f"  {stage}", unit="chunk", leave=False)
+            bar = self.bars[stage] = progress_bars.bar(desc=f"  {stage}", total=total, unit="chunk")
         bar.update(done)
 
     def close(self) -> None:
@@ -139,9 +139,9 @@ class ChunkProgress:
 def load_pipeline(cfg: DictConfig, built: BuiltModels, timer: StageTimer,
                   progress: ChunkProgress | None = None, warm_up: bool = True) -> DiarizationPipeline:
     """Load both models (timed as ``compile``: Core ML compilation, session creation) and, with
-    ``warm_up``, run one silent chunk through them (timed as ``warmup``). Benchmarks warm up so that
-    first-call allocations stay out of the stage times; the CLI does not (its first file is the
-    warm-up: a user waits for one file either way)."""
+    ``warm_up``, run one silent chunk through them (timed as ``warmup``). Benchmarks and sweep jobs
+    warm up so that first-call allocations stay out of the stage times; the CLI does not (its first
+    file is the warm-up: a user waits for one file either way)."""
     with timer.stage("compile"):
         segmentation_model = built.segmentation.load()
         embedding_model = built.embedding.load()
@@ -192,12 +192,13 @@ class DatasetResult:
 
 def run_dataset(pipeline: DiarizationPipeline, dataset: Dataset, rttm_dir: Path | None, compile_timer: StageTimer,
                 repeats: int = 1, max_duration_s: float | None = None, show_progress: bool = True,
-                keep_arrays: bool = False) -> DatasetResult:
+                keep_arrays: bool = False, desc: str = "files") -> DatasetResult:
     """Diarize every file ``repeats`` times; score the last repeat; timing stats over repeats.
 
     Per repeat, ``time_total_s`` = compile (once per job, counted in every repeat) + every stage of
     every file; ``rtfx`` = audio seconds / that total. Median, min and max over repeats are reported
-    as ``<metric>`` (median), ``<metric>_min`` and ``<metric>_max``.
+    as ``<metric>`` (median), ``<metric>_min`` and ``<metric>_max``. With ``show_progress`` (and stderr a
+    terminal: ``diaropt.progress``) a per-file bar ``desc`` shows the file being diarized.
     """
     from diaropt.metrics import DiarizationScorer  # pyannote.metrics (scipy.stats, pandas): only when scoring
 
@@ -209,8 +210,9 @@ def run_dataset(pipeline: DiarizationPipeline, dataset: Dataset, rttm_dir: Path 
         timer = StageTimer(pipeline.sync)
         timer.merge(compile_timer)
         audio_duration_s = 0.0
-        for item in tqdm(dataset, desc=f"files (repeat {repeat + 1}/{repeats})", unit="file",
-                         disable=not show_progress):
+        title = f"{desc} (repeat {repeat + 1}/{repeats})" if repeats > 1 else desc
+        for item in progress_bars.iterate(dataset, desc=title, unit="file", label=lambda item: item.uri,
+                                          disable=None if show_progress else True):
             file_timer = StageTimer(pipeline.sync)
             with file_timer.stage("audio"):  # decoding is part of the work
                 audio, reference, uem = _crop_item(item, load_audio(item.audio_path), max_duration_s)

@@ -269,7 +269,7 @@ def _run_logged(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[st
     from diaropt.pipeline.timing import StageTimer
     from diaropt.runner import ChunkProgress, dataset_from_config, dataset_sha256, load_pipeline, run_dataset
     from diaropt.backends import coreml_program
-    from diaropt.provenance import without_timings
+    from diaropt.provenance import effective_repeats, without_timings
     from diaropt.variants.build import build_models
 
     source = _provenance(cfg, backend)
@@ -294,7 +294,10 @@ def _run_logged(cfg: DictConfig, run, output_dir: Path, backend: str) -> dict[st
         timer = StageTimer()
         progress = ChunkProgress(enabled=sys.stderr.isatty())
         pipeline = load_pipeline(cfg, built, timer, progress)  # BackendUnavailable: skipped upstream
-        result = run_dataset(pipeline, dataset, output_dir / "rttm", timer, repeats=cfg.repeats,
+        repeats = effective_repeats(cfg.repeats, source)  # null: 3 if timed, else 1
+        log.info("repeats: %d timed pass(es) over %d file(s) (%s; timing source %s)", repeats, len(dataset),
+                 "repeats=null: auto" if cfg.repeats is None else f"repeats={cfg.repeats}", source.timing_source)
+        result = run_dataset(pipeline, dataset, output_dir / "rttm", timer, repeats=repeats,
                              max_duration_s=cfg.dataset.max_duration_s, show_progress=sys.stderr.isatty(),
                              keep_arrays=cfg.parity.enabled)
         progress.close()

@@ -252,7 +252,8 @@ def probe_session(path: Path, feeds: dict[str, tuple[tuple[int, ...], str]], opt
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in done.stderr.splitlines()]
     message = next((line for line in reversed(lines) if line and not re.match(r"^\d{4}-\d\d-\d\d .*\[[WIV]:onnxruntime", line)), "")
     if done.returncode < 0:
-        return f"crashed with {signal.Signals(-done.returncode).name}" + (f": {message}" if message else "")
+        return (f"was ended by {signal.Signals(-done.returncode).name} inside ONNX Runtime"
+                + (f": {message}" if message else ""))
     return f"failed (exit {done.returncode}): {message}"
 
 
@@ -266,8 +267,10 @@ def usable_optimization_level(path: Path, feeds: dict[str, tuple[tuple[int, ...]
         problem = probe_session(path, feeds, level, timeout_s)
         outcomes[level] = problem or "ok"
         if problem is None:
-            if level != requested:
-                log.warning("%s: onnxruntime fails at optimization level %s (%s); using %s", path.name,
-                            requested, outcomes[requested], level)
+            if level != requested:  # once per build: the level is kept in the model cache (info ort_level)
+                log.info("ONNX Runtime graph optimization level %r fails on %s on this host (checked in a separate "
+                         "probe process, which %s); this model runs at %r instead (logged as "
+                         "ort_optimization_level.<model>, cached with the model)", requested, path.name,
+                         outcomes[requested], level)
             return level, outcomes
     raise RuntimeError(f"{path}: no onnxruntime optimization level works on CPU: {outcomes}")

@@ -53,8 +53,14 @@ def scored(frame: pd.DataFrame) -> pd.DataFrame:
     return done
 
 
+def _timing_source(frame: pd.DataFrame) -> pd.Series:
+    return frame["timing_source"] if "timing_source" in frame.columns else pd.Series("target", index=frame.index)
+
+
 def axis_effects(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
-    """Per swept axis and value: runs, median RTFx and median DER (marginal over the other axes)."""
+    """Per swept axis and value: runs, median DER and median RTFx (marginal over the other axes); the RTFx
+    median is over the runs whose timings are the target's own only (``timed_runs``): a proxy timing
+    is not that configuration's speed, so it is never set beside one (NaN when no run is ``target``)."""
     done = scored(frame)
     rows = []
     for axis in axes:
@@ -62,17 +68,20 @@ def axis_effects(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
         groups = pd.Series(values, index=done.index).fillna("(default)")
         for value, index in groups.groupby(groups, sort=False).groups.items():
             part = done.loc[index]
-            rows.append({"axis": axis, "value": value, "runs": len(part), "rtfx_median": part["rtfx"].median(),
-                         "der_median": part["der"].median()})
-    return pd.DataFrame(rows, columns=["axis", "value", "runs", "rtfx_median", "der_median"])
+            timed = part[_timing_source(part) == "target"]
+            rows.append({"axis": axis, "value": value, "runs": len(part), "timed_runs": len(timed),
+                         "rtfx_median": timed["rtfx"].median(), "der_median": part["der"].median()})
+    return pd.DataFrame(rows, columns=["axis", "value", "runs", "timed_runs", "rtfx_median", "der_median"])
 
 
 def timing_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Seconds per stage category (``STAGE_GROUPS``), total and its min/max over repeats, per finished child."""
     done = frame[frame["outcome"] == "finished"]
     rows = []
-    for row in done.to_dict("records"):
-        entry: dict[str, Any] = {"run_id": row["run_id"], "label": row["label"]}
+    for row, source in zip(done.to_dict("records"), _timing_source(done)):
+        # as the parent run's summary/comparison.png labels it: a proxy's seconds are not the configuration's
+        label = row["label"] + (f" [timing {source}]" if isinstance(source, str) and source != "target" else "")
+        entry: dict[str, Any] = {"run_id": row["run_id"], "label": label}
         for group, stages in STAGE_GROUPS.items():
             values = [row.get(f"metrics.{time_metric(s)}") for s in stages]
             entry[group] = sum(float(v) for v in values if present(v))

@@ -120,9 +120,11 @@ def axis_effects_figure(effects: pd.DataFrame) -> Any:
         panels = ((left, "rtfx_median", 1, "#1f77b4", "median RTFx (higher is faster)"),
                   (right, "der_median", 100, "#d62728", "median DER % (lower is better)"))
         for ax, column, scale, color, title in panels:
-            values = scale * part[column].to_numpy()
-            bars = ax.barh(ypos, values, color=color, height=0.55)
-            ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3, fontsize=9)
+            values = scale * part[column].to_numpy(dtype=float)
+            bars = ax.barh(ypos, np.nan_to_num(values), color=color, height=0.55)
+            # RTFx is NaN for a value with no run timed by its own engine (proxy / not measured)
+            ax.bar_label(bars, labels=[f"{v:.2f}" if np.isfinite(v) else "not timed by its own engine"
+                                       for v in values], padding=3, fontsize=9)
             ax.set_yticks(ypos, labels=labels if ax is left else [""] * len(labels), fontsize=10)
             ax.invert_yaxis()
             ax.margins(x=0.2)

@@ -130,8 +130,12 @@ def _verdict(row: Mapping[str, object], baseline: Mapping[str, object] | None, t
         return str(row["outcome"]) + (f": {skip}" if isinstance(skip, str) and skip else "")
     if math.isnan(der):
         return f"no {DER_METRIC}"
-    if baseline is None:
-        return "no baseline"
+    if baseline is None:  # say too what would keep it out with one: a proxy timing is never ranked by speed
+        also = ["parity flagged"] if row["parity"] == "flagged" else []
+        source = row.get("timing_source", "unrecorded")
+        if source != "target":
+            also.append(f"timing {source}: not ranked by speed")
+        return ", ".join(["no baseline", *also])
     base_der = float(baseline["der"])
     if der > base_der + tolerance + 1e-12:
         return f"DER {100 * (der - base_der):+.2f} pts vs baseline (tolerance {100 * tolerance:.2f})"

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from filelock import FileLock
 from omegaconf import DictConfig
 
+from diaropt import progress
 from diaropt.backends.base import BackendUnavailable, RunnableModel, TensorSpec, is_macos
 from diaropt.variants import fusion_plan as fusion  # torch-free: torch loads only when a model is built
 from diaropt.variants.quant import refuse_unbuildable  # torch-free too
@@ -143,7 +144,10 @@ def cached_build(cache_root: Path, payload: dict[str, Any], filename: str,
         tmp.mkdir(parents=True)
         try:
             start = time.perf_counter()
-            info = build(tmp / filename)
+            what = " ".join(str(payload[k]) for k in ("kind", "backend", "quant") if k in payload)
+            log.info("building %s (cache entry %s)", what, key)
+            with progress.step(f"building {what}"):
+                info = build(tmp / filename)
             info["build_s"] = time.perf_counter() - start
             info["content_key"] = key
             (tmp / "payload.json").write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
