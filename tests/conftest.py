@@ -4,6 +4,7 @@ reads ``../shared``."""
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,13 @@ import soundfile as sf
 import torch
 
 torch.set_num_threads(2)
+
+# A test suite started in the background by a non-interactive shell (`pytest ... &`) inherits SIGINT
+# as ignored, and so would every sweep it spawns: the interrupt tests would then send a Ctrl-C that
+# nobody receives. Children inherit "ignored" but not a handler, so installing Python's own restores
+# the terminal's behaviour for them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
