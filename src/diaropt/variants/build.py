@@ -69,10 +69,13 @@ class BuiltModels:
     fusion: dict[str, int] = field(default_factory=dict)
 
     def models(self) -> list[BuiltModel]:
-        """Every model of the configuration once: the chain or segmentation, each stage, the embedding."""
-        unique: dict[int, BuiltModel] = {}
+        """Every model of the configuration once: the chain or segmentation, each stage, the embedding.
+
+        Keyed by file: in a ``fusion.coreml_pipeline`` build the embedding entry only reports the
+        embedding stage's package (it runs inside the chain), so the stage itself is listed."""
+        unique: dict[Any, BuiltModel] = {}
         for model in (self.segmentation, *self.stages, self.embedding):
-            unique.setdefault(id(model), model)
+            unique.setdefault(model.path if model.path is not None else id(model), model)
         return list(unique.values())
 
     def graph_metrics(self) -> dict[str, float]:
@@ -366,7 +369,9 @@ def _chain_model(backend: str, stages: list[BuiltModel], cache_root: Path, compu
     payload = {"kind": "pipeline", "stages": [s.info["content_key"] for s in stages], "tools": _tool_versions()}
 
     def build(path: Path) -> dict[str, Any]:
-        fusion.make_coreml_pipeline([s.path for s in stages], path)
+        from diaropt.variants.fusion import make_coreml_pipeline  # coremltools; not in the torch-free plan
+
+        make_coreml_pipeline([s.path for s in stages], path)
         histogram = coreml.op_histogram(path)
         (path.parent / "op_histogram.json").write_text(json.dumps(histogram, indent=1))
         return {**info, "coreml_ops": sum(histogram.values()),
