@@ -41,7 +41,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from diaropt import progress
-from diaropt.files import atomic_path
+from diaropt.files import atomic_path, sha256_of  # sha256_of: re-exported for callers
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +177,6 @@ def default_cache_dir() -> Path:
 
 def _offline() -> bool:
     return os.environ.get("DIAROPT_OFFLINE", "").lower() in {"1", "true", "yes"}
-
-
-def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _asset_dir(key: str, cache_dir: Path) -> Path:

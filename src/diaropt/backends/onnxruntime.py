@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from diaropt.files import sha256_of
 from diaropt.backends.base import BackendUnavailable, TensorSpec, is_macos
 
 if TYPE_CHECKING:
@@ -176,14 +177,6 @@ def optimized_graph_path(path: Path, optimization_level: str) -> Path:
     return path.with_name(f"{path.stem}.ort-{optimization_level}-{key}.onnx")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load_optimized(cached: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession | None:
     """A session from a saved optimized graph (optimizations off: they are in the file), or None when
     it is absent, does not match its sha256 sidecar, or does not load (then it is removed)."""
@@ -191,7 +184,7 @@ def _load_optimized(cached: Path, options: ort.SessionOptions, providers: list) 
     if not (cached.is_file() and sidecar.is_file()):
         return None
     try:
-        if _sha256(cached) != sidecar.read_text().strip():
+        if sha256_of(cached) != sidecar.read_text().strip():
             raise ValueError("sha256 mismatch")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(str(cached), options, providers=providers)
@@ -207,7 +200,7 @@ def _publish_optimized(tmp: Path, cached: Path) -> bool:
     try:
         if not tmp.is_file():
             return False
-        cached.with_name(cached.name + ".sha256").write_text(_sha256(tmp))
+        cached.with_name(cached.name + ".sha256").write_text(sha256_of(tmp))
         os.replace(tmp, cached)
         return True
     except OSError as error:  # read-only or full cache: run without it

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diaropt.files import atomic_path
+from diaropt.files import atomic_path, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,10 @@ MANIFEST = "manifest.json"
 _CHECKSUM = "__sha256__"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> dict[str, str]:
     """Write ``folder/manifest.json``: relative path -> sha256 of every file (written last)."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): _file_sha256(p) for p in sorted(folder.rglob("*"))
+    files = {p.relative_to(folder).as_posix(): sha256_of(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True))
     return files
@@ -59,7 +51,7 @@ def verify_manifest(folder: Path) -> list[str]:
         path = folder / relative
         if not path.is_file():
             bad.append(f"{relative} (missing)")
-        elif _file_sha256(path) != sha256:
+        elif sha256_of(path) != sha256:
             bad.append(f"{relative} (sha256 mismatch)")
     return bad
 
