@@ -101,9 +101,11 @@ class BackendConfig:
     ort_memory_arena: bool = True
     # segmentation in a worker thread, overlapped with the embedding stage (identical outputs;
     # pipeline.diarization: how stage times are attributed). With num_threads 0, every ONNX Runtime
-    # session then gets 1 intra-op thread. 1.52x [1.37, 1.89] vs off on 3.2 min of synthetic_dev +
-    # AMI dev00 at load 19-26 (benchmarks/results/issue19_phase2/); not yet measured idle
-    overlap_stages: bool = True
+    # session then gets 1 intra-op thread. Off by default: on the idle 2-core VM, off (2 threads per
+    # session, stages in turn) was 1.26x [1.10, 1.59] faster than on over 4 interleaved rounds on the
+    # dev files of benchmarks/throughput_options.py; on helped only under load (1.52x at load 19-26)
+    # (benchmarks/results/issue19_phase3/throughput_options_idle_overlap.json, issue19_phase2/)
+    overlap_stages: bool = False
     # ONNX Runtime's session.intra_op.allow_spinning: None keeps its default (spinning on)
     ort_allow_spinning: Optional[bool] = None
     # keep each model's optimized graph beside it (keyed by ONNX Runtime version + CPU flags) and load
