@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
-from diaropt.files import sha256_of
+from diaropt.files import atomic_path, sha256_of
 from diaropt.backends.base import BackendUnavailable, TensorSpec, is_macos
 
 if TYPE_CHECKING:
@@ -200,7 +200,10 @@ def _publish_optimized(tmp: Path, cached: Path) -> bool:
     try:
         if not tmp.is_file():
             return False
-        cached.with_name(cached.name + ".sha256").write_text(sha256_of(tmp))
+        # the sidecar is itself written atomically: a torn one would only force a re-optimization,
+        # but a half-written file in the cache is what this project promises never to leave
+        with atomic_path(cached.with_name(cached.name + ".sha256")) as sidecar:
+            sidecar.write_text(sha256_of(tmp))
         os.replace(tmp, cached)
         return True
     except OSError as error:  # read-only or full cache: run without it
