@@ -29,6 +29,12 @@ many clusters whenever there are at least as many fitting embeddings; when a bou
 (too few embeddings, or a cluster that no slot takes in the constrained assignment) a warning
 naming the file is logged (:mod:`diaropt.pipeline.cluster_counts`).
 
+Constructor defaults are the configuration's, so a variant built without Hydra (``VBxClustering()``)
+is the one ``clustering=<name>`` builds: ``min_active_ratio`` and VBx's ``chunk_step_s`` are read from
+the schema (``diaropt.config``: ``clustering.min_active_ratio``, ``segmentation.step_s``); the
+per-variant values are those of ``conf/clustering/<name>.yaml``, which documents why they were chosen
+(``tests/test_config_defaults.py`` requires every key of each file to equal the default).
+
 Deliberate difference from pyannote.audio 4.0.7: its ``AgglomerativeClustering`` assigns slots by a
 plain argmax (two slots of one chunk may land in one cluster; the reconstruction then takes their max);
 every variant here uses the constrained assignment, as pyannote's ``VBxClustering`` does.
@@ -47,6 +53,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp, softmax
 
+from diaropt.config import ClusteringConfig, SegmentationConfig
 from diaropt.pipeline.cluster_counts import (
     ClusterBounds,
     resolve_cluster_bounds,
@@ -183,7 +190,7 @@ class BaseClustering(ABC):
     def __init__(
         self,
         *,
-        min_active_ratio: float = 0.2,
+        min_active_ratio: float = ClusteringConfig.min_active_ratio,
         num_speakers: int | None = None,
         min_speakers: int | None = None,
         max_speakers: int | None = None,
@@ -517,11 +524,11 @@ class VBxClustering(AgglomerativeClustering):
     def __init__(
         self,
         threshold: float = 0.6,
-        fa: float = 0.07,
+        fa: float = 0.1,
         fb: float = 0.8,
         max_iters: int = 20,
         phi: float = 2.0,
-        chunk_step_s: float = 1.0,
+        chunk_step_s: float = SegmentationConfig.step_s,
         **base: Any,
     ) -> None:
         if "min_cluster_size" in base:

@@ -49,6 +49,7 @@ import numpy as np
 from pyannote.core import Annotation, Segment
 
 from diaropt.backends.base import RunnableModel
+from diaropt.config import BackendConfig, ClusteringConfig, EmbeddingConfig, PostprocessConfig, SegmentationConfig
 from diaropt.models.constants import CHUNK_DURATION_S, NUM_FRAMES, NUM_LOCAL_SPEAKERS
 from diaropt.pipeline import linking, preprocessing, reconstruction
 from diaropt.pipeline.cache import ArrayCache
@@ -63,20 +64,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PipelineParams:
-    """Everything but the models: windowing, batching, masks, speaker counts, binarisation."""
+    """Everything but the models: windowing, batching, masks, speaker counts, binarisation.
 
-    step_s: float = 1.0
-    segmentation_batch_size: int = 8
-    embedding_batch_size: int = 4
-    min_num_clean_frames: int = 10
+    Defaults: the configuration schema's (``diaropt.config``; the config key of each field is
+    ``diaropt.runner.PIPELINE_PARAM_KEYS``), so ``PipelineParams()`` runs what ``python
+    experiments/sweep.py`` runs by default (``tests/test_config_defaults.py`` compares them). Only
+    ``min_active_frames`` has no config key.
+    """
+
+    step_s: float = SegmentationConfig.step_s
+    segmentation_batch_size: int = SegmentationConfig.batch_size
+    embedding_batch_size: int = EmbeddingConfig.batch_size
+    min_num_clean_frames: int = EmbeddingConfig.min_num_clean_frames
     min_active_frames: int = 1
-    anchor_every: int = 1  # embed every k-th chunk, link the others' speakers to it (pipeline.linking)
-    num_speakers: int | None = None
-    min_speakers: int | None = None
-    max_speakers: int | None = None
-    min_duration_on_s: float = 0.0
-    min_duration_off_s: float = 0.0
-    overlap_stages: bool = False  # segmentation in a worker thread, overlapped with the embedding stage
+    anchor_every: int = EmbeddingConfig.anchor_every  # embed every k-th chunk, link the others (pipeline.linking)
+    num_speakers: int | None = ClusteringConfig.num_speakers
+    min_speakers: int | None = ClusteringConfig.min_speakers
+    max_speakers: int | None = ClusteringConfig.max_speakers
+    min_duration_on_s: float = PostprocessConfig.min_duration_on_s
+    min_duration_off_s: float = PostprocessConfig.min_duration_off_s
+    # segmentation in a worker thread, overlapped with the embedding stage
+    overlap_stages: bool = BackendConfig.overlap_stages
 
 
 @dataclass
