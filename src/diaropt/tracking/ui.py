@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -66,21 +67,33 @@ def is_server_uri(tracking_uri: str) -> bool:
     return tracking_uri.startswith(("http://", "https://"))
 
 
-def ui_command(tracking_uri: str, experiment_name: str, repo_root: Path) -> str:
-    """The ``python -m diaropt ui`` command for this store and experiment, with the overrides it needs.
-
-    The store is named explicitly unless it is the repository's default (so the command works in a
-    shell without the sweep's ``$MLFLOW_TRACKING_URI``).
-    """
-    parts = ["python", "-m", "diaropt", "ui"]
+def store_overrides(tracking_uri: str, experiment_name: str, repo_root: Path | None = None) -> list[str]:
+    """The overrides that name this store and experiment to a diaropt command: the store unless it is
+    the repository's default (so a command works in a shell without the sweep's
+    ``$MLFLOW_TRACKING_URI``), the experiment unless it is ``diaropt``."""
+    if repo_root is None:
+        from diaropt.config import REPO_ROOT as repo_root
+    overrides = []
     if tracking_uri != default_tracking_uri(repo_root):
-        parts.append(f"tracking.tracking_uri={tracking_uri}")
+        overrides.append(f"tracking.tracking_uri={tracking_uri}")
     if experiment_name != "diaropt":
-        parts.append(f"tracking.experiment_name={experiment_name}")
-    return " ".join(shlex.quote(part) for part in parts)
+        overrides.append(f"tracking.experiment_name={experiment_name}")
+    return overrides
 
 
-def sweep_hint(tracking_uri: str, experiment_name: str, experiment_id: str, repo_root: Path,
+def ui_command(tracking_uri: str, experiment_name: str, repo_root: Path | None = None) -> str:
+    """``python -m diaropt ui`` with the overrides this store and experiment need (shell-quoted)."""
+    return " ".join(shlex.quote(part) for part in
+                    ["python", "-m", "diaropt", "ui", *store_overrides(tracking_uri, experiment_name, repo_root)])
+
+
+def sweep_command(tracking_uri: str, experiment_name: str, repo_root: Path | None = None) -> str:
+    """The README's sweep, into this store and experiment (the command that creates them)."""
+    return " ".join([SWEEP_COMMAND, *(shlex.quote(o) for o in store_overrides(tracking_uri, experiment_name,
+                                                                                repo_root))])
+
+
+def sweep_hint(tracking_uri: str, experiment_name: str, experiment_id: str, repo_root: Path | None = None,
                port: int = DEFAULT_PORT) -> str:
     """The lines a sweep prints at its end: the command that opens the UI and the runs table's address."""
     if is_server_uri(tracking_uri):
@@ -89,7 +102,7 @@ def sweep_hint(tracking_uri: str, experiment_name: str, experiment_id: str, repo
             f"  then the runs table: {runs_table_url(f'http://{DEFAULT_HOST}:{port}', experiment_id)}")
 
 
-def find_experiment(tracking_uri: str, experiment_name: str) -> str:
+def find_experiment(tracking_uri: str, experiment_name: str, repo_root: Path | None = None) -> str:
     """The id of the active experiment ``experiment_name`` in the store (never creates either).
 
     Raises:
@@ -97,8 +110,8 @@ def find_experiment(tracking_uri: str, experiment_name: str) -> str:
     """
     path = sqlite_path(tracking_uri)
     if path is not None and not path.is_file():
-        raise UiError(f"no MLflow store at {path}: nothing has been tracked there yet; a sweep creates it "
-                      f"(`{SWEEP_COMMAND}`)")
+        raise UiError(f"no MLflow store at {path}: nothing has been tracked there yet; a sweep creates it: "
+                      f"`{sweep_command(tracking_uri, experiment_name, repo_root)}`")
     from mlflow.tracking import MlflowClient
 
     from diaropt.tracking.store import retry_locked
@@ -114,11 +127,11 @@ def find_experiment(tracking_uri: str, experiment_name: str) -> str:
         except Exception:  # noqa: BLE001 - only for the message
             names = []
         there = f" (it has: {', '.join(sorted(names))})" if names else " (it has no experiment)"
-        raise UiError(f"no experiment {experiment_name!r} in {tracking_uri}{there}: a sweep creates it "
-                      f"(`{SWEEP_COMMAND}`, with tracking.experiment_name={experiment_name} if not the default)")
+        raise UiError(f"no experiment {experiment_name!r} in {tracking_uri}{there}: a sweep creates it: "
+                      f"`{sweep_command(tracking_uri, experiment_name, repo_root)}`")
     if experiment.lifecycle_stage == "deleted":
-        raise UiError(f"experiment {experiment_name!r} in {tracking_uri} is deleted; the next sweep restores it, "
-                      f"or `mlflow experiments restore --experiment-id {experiment.experiment_id}`")
+        raise UiError(f"experiment {experiment_name!r} (id {experiment.experiment_id}) in {tracking_uri} is deleted; "
+                      f"the next sweep into it restores it: `{sweep_command(tracking_uri, experiment_name, repo_root)}`")
     return str(experiment.experiment_id)
 
 
@@ -268,24 +281,42 @@ def serve(tracking_uri: str, experiment_name: str, host: str = DEFAULT_HOST, por
             _open(url, out)
         return 0
     out(f"starting MLflow's server on {tracking_uri} at http://{browser_host(host)}:{port} ...")
-    server = start_server(tracking_uri, experiment_id, host, port, timeout_s)
-    url = runs_table_url(server.base_url, experiment_id)
-    out(f"experiment {experiment_name!r} (id {experiment_id}), runs table:\n  {url}\n"
-        f"(bare {server.base_url} opens MLflow's GenAI view unless this browser chose *Model training* before)\n"
-        f"server log: {server.log_path}; Ctrl-C stops the server")
-    if open_browser:
-        _open(url, out)
+    previous = _stop_on_signals()
     try:
-        while server.alive():
-            time.sleep(_POLL_S)
-    except KeyboardInterrupt:
-        server.stop()
-        out("MLflow server stopped")
-        return 0
+        server = start_server(tracking_uri, experiment_id, host, port, timeout_s)
+        url = runs_table_url(server.base_url, experiment_id)
+        out(f"experiment {experiment_name!r} (id {experiment_id}), runs table:\n  {url}\n"
+            f"(bare {server.base_url} opens MLflow's GenAI view unless this browser chose *Model training* before)\n"
+            f"server log: {server.log_path}; Ctrl-C stops the server")
+        if open_browser:
+            _open(url, out)
+        try:
+            while server.alive():
+                time.sleep(_POLL_S)
+        except KeyboardInterrupt:
+            server.stop()
+            out("MLflow server stopped")
+            return 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     code = server.stop()
     out(f"the MLflow server stopped by itself (exit {code}); its log ({server.log_path}) ends with:\n"
         f"{server.log_tail()}")
     return 1
+
+
+def _stop_on_signals() -> dict[int, object]:
+    """SIGTERM and SIGHUP (``kill``, a closed terminal) stop the server as Ctrl-C does, rather than
+    ending this process and leaving the server (its own process group) behind. Returns the handlers
+    replaced (none off the main thread, where Python cannot set them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def _print(text: str) -> None:
