@@ -199,3 +199,22 @@ def test_command_serves_the_runs_table_until_interrupted(store, tmp_path):
         if process.poll() is None:
             process.terminate()  # our SIGTERM handler stops the server too
             process.wait(timeout=60)
+
+
+def test_sweep_end_prints_the_ui_command_and_link(store, tmp_path, capsys):
+    """The multirun callback's closing lines (after the parent's summary) name the command and the link."""
+    from omegaconf import OmegaConf
+
+    from diaropt.sweep import SweepCallback
+    from diaropt.tracking import Tracker
+
+    uri, experiment_id = store
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    Tracker(uri, "uitest").get_or_create_parent(str(sweep_dir.resolve()))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}},
+                               "tracking": {"enabled": True, "tracking_uri": uri, "experiment_name": "uitest"}})
+    SweepCallback()._finish(config)
+    out = capsys.readouterr().out
+    assert f"MLflow UI: python -m diaropt ui tracking.tracking_uri={uri} tracking.experiment_name=uitest" in out
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning" in out
