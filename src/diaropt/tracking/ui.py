@@ -266,7 +266,7 @@ def serve(tracking_uri: str, experiment_name: str, host: str = DEFAULT_HOST, por
     """Find the experiment, start the server, print the runs table's address, serve until Ctrl-C.
 
     A store that is an MLflow server already (``http(s)://``) is not served again: its address is
-    printed. Returns the exit code (0 after Ctrl-C; the server's own code if it stopped by itself).
+    printed. Returns the exit code: 0 after Ctrl-C (or SIGTERM / SIGHUP), 1 if the server stopped by itself.
 
     Raises:
         UiError: see :func:`find_experiment` and :func:`start_server`.
