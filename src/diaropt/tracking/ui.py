@@ -136,9 +136,13 @@ def find_experiment(tracking_uri: str, experiment_name: str, repo_root: Path | N
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """Whether something already listens on ``host:port`` (a bind attempt, as the server would make)."""
+    """Whether something already listens on ``host:port`` (a bind attempt, as the server would make:
+    with ``SO_REUSEADDR``, as uvicorn sets it, so connections of an earlier server left in TIME_WAIT
+    do not count)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        if os.name == "posix":  # on Windows the option lets a second socket share a listening port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
