@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"diarize": diarize, "ui": ui}
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m diaropt {{{','.join(commands)}}} ...  (try: python -m diaropt diarize --help)",
-              file=sys.stderr)
+        print(f"usage: python -m diaropt {{{','.join(commands)}}} ...  "
+              "(try: python -m diaropt diarize --help, python -m diaropt ui --help)", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 
