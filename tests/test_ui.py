@@ -188,9 +188,14 @@ def test_command_serves_the_runs_table_until_interrupted(store, tmp_path):
         with urllib.request.urlopen(api, timeout=30) as response:
             assert b'"uitest"' in response.read()
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+        out = process.stdout.read()  # not communicate(): it reads the pipe past the lines buffered above
+        process.wait(timeout=60)
+        err = process.stderr.read()
         assert process.returncode == 0, out + err
         assert "MLflow server stopped" in out
+        log_path = Path(re.search(r"server log: (\S+);", output + out).group(1))
+        assert "Uvicorn running" in log_path.read_text()  # MLflow's own server wrote it
+        log_path.unlink()
         deadline = time.monotonic() + 10  # the server's group got SIGTERM; its socket closes with it
         while port_in_use("127.0.0.1", port) and time.monotonic() < deadline:
             time.sleep(0.2)
