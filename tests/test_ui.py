@@ -223,3 +223,16 @@ def test_sweep_end_prints_the_ui_command_and_link(store, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"MLflow UI: python -m diaropt ui tracking.tracking_uri={uri} tracking.experiment_name=uitest" in out
     assert f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning" in out
+
+
+def test_open_says_so_when_no_browser_can_open(monkeypatch):
+    import webbrowser
+
+    from diaropt.tracking import ui
+
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or False)  # a machine without a browser
+    said: list[str] = []
+    ui._open("http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning", said.append)
+    assert opened == ["http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"]
+    assert said == ["no browser found to open; open the address above"]
