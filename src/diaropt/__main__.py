@@ -1,6 +1,8 @@
 """``python -m diaropt diarize AUDIO... --out DIR [OVERRIDES...]``: one RTTM per file.
+``python -m diaropt ui [--port N] [--open] [OVERRIDES...]``: the MLflow UI on the sweeps' runs table.
 
-Overrides are the sweep's (Hydra syntax), e.g. ``quant=int8 backend=torch segmentation.step_s=2``.
+Overrides are the sweep's (Hydra syntax), e.g. ``quant=int8 backend=torch segmentation.step_s=2``
+or ``tracking.tracking_uri=sqlite:////tmp/store/mlflow.db``.
 """
 
 from __future__ import annotations
@@ -127,14 +129,59 @@ def diarize(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def ui(argv: list[str]) -> int:
+    """Exit codes: 0 served until Ctrl-C; 1 the server stopped by itself; 2 bad arguments or
+    configuration; 3 no store / no experiment / port in use / the server did not start (one line: why)."""
+    from diaropt.tracking.ui import DEFAULT_HOST, DEFAULT_PORT, STARTUP_TIMEOUT_S
+
+    parser = argparse.ArgumentParser(
+        prog="python -m diaropt ui",
+        description="Start MLflow's server on the sweeps' store (as the sweep resolves it: tracking.tracking_uri, "
+                    "$MLFLOW_TRACKING_URI, or sqlite under mlruns/) and print the address of the experiment's runs "
+                    "table; Ctrl-C stops it. Overrides: tracking.tracking_uri=URI tracking.experiment_name=NAME.")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST})")
+    parser.add_argument("--open", action="store_true", help="open the runs table in the default browser")
+    parser.add_argument("--timeout", type=float, default=STARTUP_TIMEOUT_S,
+                        help=f"seconds to wait for the server to answer (default {STARTUP_TIMEOUT_S:.0f})")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        parser.error(f"unknown options {bad}; configuration overrides look like key=value")
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port}: not a TCP port (1-65535)")
+
+    from diaropt.config import REPO_ROOT, compose
+    from diaropt.tracking.store import resolve_tracking_uri
+    from diaropt.tracking.ui import UiError, serve
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        print(f"error: bad configuration override: {error}", file=sys.stderr)
+        return 2
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT)  # exactly as the sweep's jobs do
+    try:
+        return serve(uri, str(cfg.tracking.experiment_name), args.host, args.port, args.open, args.timeout)
+    except UiError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:  # during startup: start_server stopped the server
+        print("interrupted; the MLflow server was stopped", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_third_party()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"diarize": diarize}
+    commands = {"diarize": diarize, "ui": ui}
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m diaropt {{{','.join(commands)}}} ...  (try: python -m diaropt diarize --help)",
-              file=sys.stderr)
+        print(f"usage: python -m diaropt {{{','.join(commands)}}} ...  "
+              "(try: python -m diaropt diarize --help, python -m diaropt ui --help)", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

@@ -664,9 +664,11 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         statuses = read_statuses(sweep_dir)
         counts = {name: sum(1 for s in statuses if s["status"] == name) for name in ("finished", "skipped", "failed")}
+        ui_hint = None
         if config.tracking.enabled:
             try:
                 from diaropt.tracking import Tracker, resolve_tracking_uri
+                from diaropt.tracking.ui import sweep_hint
 
                 tracker = Tracker(resolve_tracking_uri(config.tracking.tracking_uri, REPO_ROOT),
                                   config.tracking.experiment_name)
@@ -674,11 +676,15 @@ class SweepCallback(Callback):
                 if parent_id is not None:
                     tracker.summarize_parent(parent_id, SUMMARY_METRICS, SUMMARY_PARAMS)
                     tracker.finish_parent(parent_id, "FAILED" if counts["failed"] else "FINISHED")
+                    ui_hint = sweep_hint(tracker.tracking_uri, tracker.experiment_name, tracker.experiment_id,
+                                         REPO_ROOT)
             except Exception as error:  # noqa: BLE001 - the jobs' results are already logged
                 log.error("could not summarise the sweep in MLflow: %s", error)
         line = (f"sweep {sweep_dir}: {len(statuses)} jobs: {counts['finished']} finished, "
                 f"{counts['skipped']} skipped, {counts['failed']} failed")
         print(line, flush=True)
+        if ui_hint:  # bare `mlflow ui` opens MLflow 3.17's GenAI view: the command and link that show the runs
+            print(ui_hint, flush=True)
         for status in statuses:
             if status["status"] != "finished":
                 reason = status.get("reason") or status.get("error")

@@ -9,6 +9,7 @@
 | ``experiment`` | ``Tracker``: parent/child runs of a sweep, the parent's summary, stale runs |
 | ``fallback``   | a run kept in a folder (``FileClient``) when the store is unavailable or tracking is off |
 | ``relog``      | storing fallback folders in MLflow later: ``python -m diaropt.tracking relog DIR`` |
+| ``ui``         | ``python -m diaropt ui``: MLflow's server on the store, the address of the runs table |
 
 Names of tags and metrics: :mod:`diaropt.keys`; figures: :mod:`diaropt.figures`.
 """

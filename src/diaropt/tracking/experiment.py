@@ -73,7 +73,8 @@ class Tracker(Store):
     Opening it tags the experiment ``mlflow.experimentKind = custom_model_development`` (new or
     existing): MLflow UIs that read the tag open it on the runs table rather than the GenAI overview.
     MLflow 3.17.2's UI has a global GenAI / Model training switch that takes precedence (seen with
-    headless Chromium); the README gives the address that lands on the runs table there.
+    headless Chromium); ``python -m diaropt ui`` (:mod:`diaropt.tracking.ui`) prints the address that
+    lands on the runs table there.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
