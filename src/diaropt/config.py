@@ -77,6 +77,7 @@ class QuantMode(str, Enum):
     palettize8 = "palettize8"
     w8a8 = "w8a8"
     int8_dynamic = "int8_dynamic"
+    int8_dynamic_lstm = "int8_dynamic_lstm"  # ONNX Runtime: only the segmentation LSTMs in int8 (issue 19)
 
 
 class EmbeddingName(str, Enum):

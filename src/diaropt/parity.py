@@ -8,6 +8,7 @@ same files with the same windowing, masks and clustering:
 |---------------------------------|---------------------------------------------------------------|
 | ``parity_seg_max_abs_diff``     | max abs difference of the powerset probabilities (C, F, 7)    |
 | ``parity_seg_powerset_agreement`` | fraction of (chunk, frame) whose most likely class agrees   |
+| ``parity_seg_powerset_agreement_perm`` | the same after the best permutation of each chunk's local speakers: the network is trained permutation-invariant and the pipeline is invariant to that order, so a chunk whose speakers swap slots (seen with int8 LSTMs) is not a disagreement here |
 | ``parity_emb_cos_min``/``_mean`` | cosine of the embeddings of (chunk, local speaker) pairs whose chunk segmentation is identical in both runs, so the same masks went in: the embedding model's own error |
 | ``parity_emb_cos_min_all``      | the same over every pair both runs embedded (masks may differ) |
 | ``parity_emb_active_mismatch``  | fraction of local speakers embedded by one run only           |
@@ -84,6 +85,7 @@ class FileParity:
     seg_max_abs_diff: float
     seg_frames: int
     seg_frames_agreeing: int
+    seg_frames_agreeing_perm: int  # after the best permutation of each chunk's local speakers
     cos_same_mask: np.ndarray  # (N1,)
     cos_all: np.ndarray  # (N2,)
     speakers: int  # local speakers embedded by either run
@@ -97,18 +99,39 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)
 
 
+def permutation_invariant_agreement(job_classes: np.ndarray, reference_classes: np.ndarray) -> int:
+    """Frames whose powerset class agrees after the best permutation of each chunk's local speakers.
+
+    ``job_classes`` / ``reference_classes``: (C, F) int argmax powerset classes (``POWERSET_MAPPING``
+    rows: 7 classes over 3 local speakers). Returns the sum over chunks of the best per-chunk count.
+    """
+    from itertools import permutations
+
+    from diaropt.pipeline.preprocessing import POWERSET_MAPPING
+
+    mapping = np.asarray(POWERSET_MAPPING).astype(int)  # (7, L)
+    index = {tuple(row): k for k, row in enumerate(mapping)}
+    best = np.zeros(job_classes.shape[0], dtype=np.int64)
+    for order in permutations(range(mapping.shape[1])):
+        relabel = np.array([index[tuple(row[list(order)])] for row in mapping])  # class -> class, speakers reordered
+        best = np.maximum(best, (relabel[job_classes] == reference_classes).sum(axis=-1))
+    return int(best.sum())
+
+
 def compare_file(job: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> FileParity:
     """Compare one file's arrays (``DiarizationOutput.arrays``: logprobs (C, F, 7), segmentations
     (C, F, L), embeddings (C, L, D) with NaN rows for skipped speakers)."""
     if job["embeddings"].shape != reference["embeddings"].shape:
         raise ValueError(f"embedding arrays differ in shape: {job['embeddings'].shape} vs "
                          f"{reference['embeddings'].shape} (different windowing or model?)")
-    seg_diff, frames, agreeing = float("nan"), 0, 0
+    seg_diff, frames, agreeing, agreeing_perm = float("nan"), 0, 0, 0
     if "logprobs" in job and "logprobs" in reference:
         job_probs, ref_probs = np.exp(job["logprobs"].astype(np.float64)), np.exp(reference["logprobs"].astype(np.float64))
         seg_diff = float(np.abs(job_probs - ref_probs).max())
-        agree = job_probs.argmax(-1) == ref_probs.argmax(-1)
+        job_classes, ref_classes = job_probs.argmax(-1), ref_probs.argmax(-1)
+        agree = job_classes == ref_classes
         frames, agreeing = int(agree.size), int(agree.sum())
+        agreeing_perm = permutation_invariant_agreement(job_classes, ref_classes)
     same_chunk = np.all(job["segmentations"] == reference["segmentations"], axis=(1, 2))  # (C,)
     job_active = np.all(np.isfinite(job["embeddings"]), axis=-1)  # (C, L)
     ref_active = np.all(np.isfinite(reference["embeddings"]), axis=-1)
@@ -116,7 +139,7 @@ def compare_file(job: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarr
     cos_all = _cosines(job["embeddings"][both], reference["embeddings"][both])
     same = both & same_chunk[:, None]
     cos_same = _cosines(job["embeddings"][same], reference["embeddings"][same])
-    return FileParity(seg_diff, frames, agreeing, cos_same, cos_all, int((job_active | ref_active).sum()),
+    return FileParity(seg_diff, frames, agreeing, agreeing_perm, cos_same, cos_all, int((job_active | ref_active).sum()),
                       int((job_active ^ ref_active).sum()))
 
 
@@ -131,6 +154,8 @@ def parity_metrics(files: list[FileParity], der: float, reference_der: float, co
     metrics = {
         "parity_seg_max_abs_diff": max(seg_diffs) if seg_diffs else nan,
         "parity_seg_powerset_agreement": sum(f.seg_frames_agreeing for f in files) / frames if frames else nan,
+        "parity_seg_powerset_agreement_perm": (sum(f.seg_frames_agreeing_perm for f in files) / frames
+                                               if frames else nan),
         "parity_emb_cos_min": float(cos_same.min()) if cos_same.size else nan,
         "parity_emb_cos_mean": float(cos_same.mean()) if cos_same.size else nan,
         "parity_emb_cos_min_all": float(cos_all.min()) if cos_all.size else nan,
@@ -155,7 +180,8 @@ def parity_flag(metrics: Mapping[str, float], cosine_floor: float) -> str:
 
 def exact_parity(der: float) -> dict[str, float]:
     """The metrics of the reference configuration itself."""
-    return {"parity_seg_max_abs_diff": 0.0, "parity_seg_powerset_agreement": 1.0, "parity_emb_cos_min": 1.0,
+    return {"parity_seg_max_abs_diff": 0.0, "parity_seg_powerset_agreement": 1.0,
+            "parity_seg_powerset_agreement_perm": 1.0, "parity_emb_cos_min": 1.0,
             "parity_emb_cos_mean": 1.0, "parity_emb_cos_min_all": 1.0, "parity_emb_compared": float("nan"),
             "parity_emb_active_mismatch": 0.0, "parity_der_delta": 0.0, "parity_reference_der": der,
             PARITY_OK: 1.0}

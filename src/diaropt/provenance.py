@@ -49,7 +49,7 @@ def provenance(backend: str, quant_mode: str, macos: bool) -> Provenance:
     """The timing and numerics sources of a job from its resolved backend, quant mode and host.
 
     torch -> target / torch; ONNX Runtime's own variants (fp32, fp16, fp16_selective,
-    int8_dynamic) -> target / onnxruntime; ONNX Runtime standing in for a Core ML weight compression
+    int8_dynamic, int8_dynamic_lstm) -> target / onnxruntime; ONNX Runtime standing in for a Core ML weight compression
     (int8, int4, palettize*: the Core ML weights read back, computed in fp32) -> proxy / onnxruntime;
     Core ML on macOS -> target / coreml_runtime, elsewhere -> not_measured / coreml_program.
 

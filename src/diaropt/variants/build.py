@@ -272,9 +272,8 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
     compute_unit = resolve_compute_unit(_value(cfg.compute_unit.name), backend)
     plan = fusion.FusionPlan.from_config(cfg)
     plan.check()
-    if backend in ("coreml", "onnxruntime"):  # before any work
-        for kind in ("segmentation", "embedding"):
-            refuse_unbuildable(quant_mode_for(cfg, kind))
+    for kind in ("segmentation", "embedding"):  # before any work: a mode the backend or host cannot build
+        refuse_unbuildable(quant_mode_for(cfg, kind), backend)
     segmentation_source, embedding_source, weights_sha, embedding_dim = _model_sources(cfg)
     cache_root = Path(cache_dir or cfg.paths.cache_dir or default_cache_dir()) / "models"
     if cache_root.is_dir():

@@ -23,9 +23,18 @@ fp32 only, with casts around it). The fbank (waveform to log-mel) stays fp32 in 
 compressed build (``backends.coreml.fbank_in_fp32``).
 
 ONNX Runtime (modes in ``ONNX_QUANT``): ``native`` variants (``fp32``, ``fp16``, ``fp16_selective``,
-``int8_dynamic``) transform the exported graph; ``faithful_coreml`` variants carry in the ONNX graph
-exactly the weights of the compressed Core ML package (dequantized, read back from the saved
-``.mlpackage``), so a Core ML weight compression's accuracy cost is measured on any OS.
+``int8_dynamic``, ``int8_dynamic_lstm``) transform the exported graph; ``faithful_coreml`` variants
+carry in the ONNX graph exactly the weights of the compressed Core ML package (dequantized, read back
+from the saved ``.mlpackage``), so a Core ML weight compression's accuracy cost is measured on any OS.
+``int8_dynamic_lstm`` quantizes only the LSTM nodes (the segmentation model's BiLSTM becomes
+``DynamicQuantizeLSTM``: int8 weights, activations quantized per call); a graph without LSTM (the
+CAM++ / ResNet embedding, fbank, pooling) stays the fp32 graph and its build info says so. Issue 19's
+prototype (benchmarks/results/issue19_phase1/) found quantizing the Conv layers too (``ConvInteger``)
+slower than fp32 on x86 CPUs and less accurate, which is why the mode stops at the LSTM.
+
+The dynamic modes are ONNX Runtime kernels with no Core ML counterpart (Core ML quantizes weights, or
+weights and activations with calibrated static ranges; it has no per-call activation quantization of
+an LSTM), and torch is the fp32 reference: both refuse them before any work (``refuse_unbuildable``).
 """
 
 from __future__ import annotations
@@ -55,10 +64,17 @@ class CoreMLQuant:
 
 @dataclass(frozen=True)
 class OnnxQuant:
-    """How a quant mode is realized as an ONNX graph: ``native`` or ``faithful_coreml``."""
+    """How a quant mode is realized as an ONNX graph: ``native`` or ``faithful_coreml``.
+
+    ``dynamic_op_types``: for onnxruntime's dynamic int8 quantization, the ONNX op types whose weights
+    it quantizes (empty: not a dynamic mode). ``fp32_without_targets``: a graph with no node of those
+    types stays the fp32 graph (recorded in the build info) instead of failing as "quantized nothing".
+    """
 
     kind: str
     description: str
+    dynamic_op_types: tuple[str, ...] = ()
+    fp32_without_targets: bool = False
 
 
 W8A8_NEEDS_MACOS = ("w8a8 calibrates activation ranges by running Core ML predictions "
@@ -84,7 +100,12 @@ ONNX_QUANT: dict[str, OnnxQuant] = {
     "fp32": OnnxQuant("native", "the exported fp32 graph"),
     "fp16": OnnxQuant("native", "fp16 initializers and compute, fp32 inputs/outputs"),
     "fp16_selective": OnnxQuant("native", "fp16, except pooling, reductions, normalization, softmax/log in fp32"),
-    "int8_dynamic": OnnxQuant("native", "onnxruntime quantize_dynamic: int8 weights, activations quantized at run time"),
+    "int8_dynamic": OnnxQuant("native", "onnxruntime quantize_dynamic: int8 weights, activations quantized at run time",
+                              dynamic_op_types=("Conv", "MatMul", "Gemm", "LSTM")),
+    "int8_dynamic_lstm": OnnxQuant(
+        "native", "onnxruntime quantize_dynamic of the LSTM nodes only (DynamicQuantizeLSTM: int8 weights, "
+        "activations quantized at run time); every other op, and every graph without an LSTM, in fp32",
+        dynamic_op_types=("LSTM",), fp32_without_targets=True),
     **{mode: OnnxQuant("faithful_coreml", f"the dequantized weights of the Core ML {mode} package, fp32 compute")
        for mode in ("int8", "int4", "palettize4", "palettize6", "palettize8")},
 }
@@ -114,7 +135,7 @@ COREML_OPTIONS: dict[str, Any] = {
 #: the Core ML build of a faithful mode.
 ONNX_OPTIONS: dict[str, Any] = {
     "optimization_level": "all", "probe": True, "probe_timeout_s": 600.0, "keep_fp32_ops": ONNX_FP32_OPS,
-    "dynamic_op_types": ("Conv", "MatMul", "Gemm", "LSTM"), "dynamic_per_channel": False, "keep_work": True,
+    "dynamic_op_types": None, "dynamic_per_channel": False, "keep_work": True,  # None: the mode's
     **{f"coreml_{k}": v for k, v in COREML_OPTIONS.items()},
 }
 
@@ -130,12 +151,14 @@ def coreml_quant(mode: str) -> CoreMLQuant:
 
     Raises:
         ValueError: ``mode`` is not a quant mode.
-        BackendUnavailable: ``mode`` has no Core ML realization (``int8_dynamic``).
+        BackendUnavailable: ``mode`` has no Core ML realization (``int8_dynamic``, ``int8_dynamic_lstm``).
     """
     check_mode(mode)
     if mode not in COREML_QUANT:
         raise BackendUnavailable(f"quant={mode} has no Core ML realization (it is ONNX Runtime's dynamic "
-                                 f"quantization); Core ML modes: {', '.join(sorted(COREML_QUANT))}")
+                                 "quantization: activations quantized per call by its int8 kernels, which "
+                                 "Core ML does not have); use backend=onnxruntime, or a Core ML mode: "
+                                 f"{', '.join(sorted(COREML_QUANT))}")
     return COREML_QUANT[mode]
 
 
@@ -154,12 +177,26 @@ def onnx_quant(mode: str) -> OnnxQuant:
     return ONNX_QUANT[mode]
 
 
-def refuse_unbuildable(mode: str) -> None:
+def refuse_unbuildable(mode: str, backend: str | None = None) -> None:
     """Raises ``BackendUnavailable`` before any work for a quant mode this host cannot build: w8a8
-    calibrates activations with Core ML predictions (macOS only)."""
+    calibrates activations with Core ML predictions (macOS only); with ``backend`` (resolved:
+    coreml | onnxruntime | torch) also a mode that backend has no realization of (``coreml_quant`` /
+    ``onnx_quant``; torch runs fp32 only).
+
+    Raises:
+        ValueError: ``mode`` is not a quant mode (with ``backend``).
+        BackendUnavailable: as above; the reason names the mode.
+    """
     spec = COREML_QUANT.get(mode)
     if spec is not None and spec.needs_macos and not is_macos():
         raise BackendUnavailable(f"quant={mode} cannot be built on this host: {spec.needs_macos}")
+    if backend == "coreml":
+        coreml_quant(mode)
+    elif backend == "onnxruntime":
+        onnx_quant(mode)
+    elif backend == "torch" and mode != "fp32":
+        check_mode(mode)
+        raise BackendUnavailable(f"quant={mode} is not a torch variant: the torch backend is the fp32 reference")
 
 
 def with_defaults(given: dict[str, Any], defaults: dict[str, Any], where: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ``fp16`` / ``fp16_selective``: onnxruntime's ``transformers.float16.convert_float_to_float16``
 (``keep_io_types=True``; ``fp16_selective`` adds ``quant.ONNX_FP32_OPS`` and every ``Reduce*`` to
 the op block list), after the input-independent computed tensors (SincNet's filters) are folded
-into fp32 initializers, as Core ML's conversion does. ``int8_dynamic``:
+into fp32 initializers, as Core ML's conversion does. ``int8_dynamic`` (Conv, MatMul, Gemm, LSTM) and
+``int8_dynamic_lstm`` (LSTM only; graphs without one stay fp32):
 ``onnxruntime.quantization.quantize_dynamic``. Faithful modes (the Core ML compressions) are built
 by ``variants.quant_faithful``. The choices themselves live in ``variants.quant``.
 """
@@ -76,19 +77,39 @@ def _precision_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(counts)
 
 
-def _quantize_dynamic(src: Path, dst: Path, op_types: Iterable[str], per_channel: bool) -> dict[str, Any]:
-    """int8 weights (initializers of ``op_types``) with ``quantize_dynamic``; fails if nothing was quantized."""
+INTEGER_OPS = ("MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul")
+
+
+def _quantize_dynamic(src: Path, dst: Path, mode: str, op_types: Iterable[str], per_channel: bool,
+                      fp32_without_targets: bool = False) -> dict[str, Any]:
+    """int8 weights (initializers of ``op_types``) with ``quantize_dynamic``, written to ``dst``.
+
+    A graph with no node of ``op_types`` is copied unchanged when ``fp32_without_targets`` (info
+    ``int8_nodes`` 0 and ``kept_fp32`` saying why); otherwise, and whenever the quantizer quantized
+    nothing, RuntimeError (the "int8" model would be the fp32 graph). Info: ``dynamic_op_types``,
+    ``dynamic_per_channel``, ``quantized_ops`` (count per integer op type), ``int8_nodes`` (their sum).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    op_types = list(op_types)
+    info: dict[str, Any] = {"dynamic_op_types": op_types, "dynamic_per_channel": per_channel}
+    present = collections.Counter(node.op_type for node in onnx.load(str(src), load_external_data=False).graph.node
+                                  if node.op_type in op_types)
+    if not present and fp32_without_targets:
+        shutil.copyfile(src, dst)
+        return {**info, "quantized_ops": {}, "int8_nodes": 0,
+                "kept_fp32": f"no {'/'.join(op_types)} node in the graph: quant={mode} leaves it fp32"}
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     op_types_to_quantize=list(op_types))
+                     op_types_to_quantize=op_types)
     counts = collections.Counter(node.op_type for node in onnx.load(str(dst), load_external_data=False).graph.node)
-    quantized = {k: v for k, v in sorted(counts.items())
-                 if k in ("MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul")}
+    quantized = {k: v for k, v in sorted(counts.items()) if k in INTEGER_OPS}
     if not quantized:
-        raise RuntimeError(f"quantize_dynamic quantized nothing in {src.name} (op types {list(op_types)}): "
-                           "int8_dynamic would be the fp32 graph")
-    return {"dynamic_op_types": list(op_types), "dynamic_per_channel": per_channel, "quantized_ops": quantized}
+        raise RuntimeError(f"quantize_dynamic quantized nothing in {src.name} (op types {op_types}, present "
+                           f"{dict(present)}): quant={mode} would be the fp32 graph")
+    left = {k: counts[k] for k in op_types if counts.get(k)}  # e.g. an LSTM without a constant weight
+    if left:
+        info["left_fp32_ops"] = left
+    return {**info, "quantized_ops": quantized, "int8_nodes": sum(quantized.values())}
 
 
 def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
@@ -98,8 +119,9 @@ def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inpu
 
     ``example_inputs`` are traced (float32); ``inputs`` / ``outputs`` name the graph's float32
     tensors, whose batch axis is dynamic. Native modes transform the exported fp32 graph (``fp16`` /
-    ``fp16_selective``: ``convert_onnx_fp16``; ``int8_dynamic``: ``quantize_dynamic`` with int8
-    weights on ``dynamic_op_types``). Faithful modes build the Core ML package of ``mode`` under
+    ``fp16_selective``: ``convert_onnx_fp16``; ``int8_dynamic`` / ``int8_dynamic_lstm``:
+    ``quantize_dynamic`` with int8 weights on ``dynamic_op_types``, default the mode's
+    ``OnnxQuant.dynamic_op_types``). Faithful modes build the Core ML package of ``mode`` under
     ``work_dir`` (options ``coreml_<option>`` go to ``quant_coreml.build_coreml``) and carry its
     dequantized weights (``quant_faithful.build_faithful``). Defaults: ``quant.ONNX_OPTIONS``.
 
@@ -111,7 +133,7 @@ def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inpu
     Raises:
         ValueError: an unknown mode. TypeError: an unknown option.
         BackendUnavailable: the mode has no ONNX realization (w8a8), before any work.
-        RuntimeError: int8_dynamic quantized nothing; a faithful graph lacks a Core ML weight; no
+        RuntimeError: a dynamic mode quantized nothing (int8_dynamic_lstm: in a graph that has an LSTM); a faithful graph lacks a Core ML weight; no
             optimization level works.
     """
     from diaropt.backends import onnxruntime as ort_backend
@@ -136,8 +158,10 @@ def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inpu
             info["folded_constants"] = fold_computed_constants(fp32, zero_feeds(inputs, example_inputs))
             keep = options["keep_fp32_ops"] if mode == "fp16_selective" else ()
             info["fp16_conversion"] = convert_onnx_fp16(fp32, path, keep)
-        elif mode == "int8_dynamic":
-            info.update(_quantize_dynamic(fp32, path, options["dynamic_op_types"], options["dynamic_per_channel"]))
+        elif spec.dynamic_op_types:  # int8_dynamic, int8_dynamic_lstm
+            op_types = options["dynamic_op_types"] or spec.dynamic_op_types
+            info.update(_quantize_dynamic(fp32, path, mode, op_types, options["dynamic_per_channel"],
+                                          spec.fp32_without_targets))
         fp32.unlink()
     info["build_onnx_s"] = time.perf_counter() - start
     info["onnx_size_bytes"] = path.stat().st_size
