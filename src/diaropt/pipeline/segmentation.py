@@ -4,15 +4,15 @@ Contract: ``audio (num_samples,)`` + ``starts (num_chunks,)`` -> ``logprobs (num
 The model is any backend's ``RunnableModel`` with input ``waveforms (batch, 1, chunk_samples)`` and
 output ``logprobs``; a fixed-batch model (Core ML) gets its last batch zero-padded.
 
-``segmentation.sinc_shared`` (``SharedSinc``): the model is split after its first max-pool. Per
-batch of chunks, the sinc convolution of the raw waveform (80 filters, 251 taps, stride 10: ~25 % of
-the model's FLOPs) and the max-pool of it and of its negation run once over the stretch the chunks cover, in rows of
-``SINC_BLOCK_FRAMES`` frames (the ``front`` model), and each chunk's 5325 pooled frames are copied
-out of them; the ``rest`` model applies the chunk's input normalization, the abs and the rest of the
-network per chunk (``models.segmentation.SincFront``: why this is exact). Chunks whose starts differ
-by a multiple of ``SINC_GRID_SAMPLES`` (30: stride x pool) share a stretch; any other chunk (the
-end-aligned last chunk, usually) gets its own: the same two models, nothing shared. Equal to the
-per-chunk model up to float32 rounding (``tests/test_sinc_shared.py``).
+``segmentation.sinc_shared`` (``SharedSinc``): the model is split after its first max-pool. The sinc
+convolution of the raw waveform (80 filters, 251 taps, stride 10: ~25 % of the model's FLOPs) and the
+max-pool of it and of its negation (the ``front`` model) run once per row of ``SINC_BLOCK_FRAMES``
+frames of the recording, rows kept from one batch of chunks to the next while needed, and each
+chunk's 5325 pooled frames are copied out of them; the ``rest`` model applies the chunk's input
+normalization, the abs and the rest of the network per chunk (``models.segmentation.SincFront``: why
+this is exact). Chunks whose starts differ by a multiple of ``SINC_GRID_SAMPLES`` (30: stride x pool)
+share rows; any other chunk (the end-aligned last chunk, usually) gets its own from the same two
+models. Equal to the per-chunk model up to float32 rounding (``tests/test_sinc_shared.py``).
 """
 
 from __future__ import annotations
