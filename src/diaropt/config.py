@@ -15,6 +15,7 @@ axis's options live:
 | trunk sharing      | ``embedding.shared_trunk``, ``embedding.tiled_trunk`` | ``diaropt.variants.fusion``, ``diaropt.pipeline.embedding`` |
 | clustering         | ``clustering``       | ``diaropt.pipeline.clustering``    |
 | speaker tracking   | ``embedding.anchor_every`` | ``diaropt.pipeline.linking``   |
+| sinc sharing       | ``segmentation.sinc_shared`` | ``diaropt.variants.fusion_plan``, ``diaropt.pipeline.segmentation`` |
 | dataset            | ``dataset``          | ``diaropt.data.datasets``          |
 """
 
@@ -155,6 +156,11 @@ class SegmentationConfig:
     # 3.6 GB) at about the same speed (benchmarks/results/scaling.json)
     batch_size: int = bounded(8, ge=1)
     checkpoint: Optional[str] = None  # local path or hub id; None: pinned segmentation-3.0
+    # the model split after its sinc convolution (~25 % of its FLOPs), which then runs once per batch over
+    # the stretch of audio the batch's overlapping chunks cover (each chunk's input normalization applied
+    # after it: exact up to float32 rounding; pipeline.segmentation.SharedSinc). Not with
+    # fusion.segmentation_with_preprocessor / coreml_pipeline
+    sinc_shared: bool = False
 
 
 @dataclass

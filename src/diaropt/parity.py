@@ -1,8 +1,8 @@
 """Numeric parity of a configuration against the fp32 torch reference on the same audio.
 
 Every sweep job is compared with the reference configuration (``reference_overrides``: torch, fp32,
-no fusion, no shared trunk; frame extraction modes are bit-identical, so the job's is kept) run on the
-same files with the same windowing, masks and clustering:
+no fusion, no shared trunk, no shared sinc convolution; frame extraction modes are bit-identical, so
+the job's is kept) run on the same files with the same windowing, masks and clustering:
 
 | metric                          | what                                                          |
 |---------------------------------|---------------------------------------------------------------|
@@ -40,7 +40,7 @@ REFERENCE_SETTINGS: dict[str, Any] = {
     "fusion.clean_frames_in_graph": False, "fusion.segmentation_with_preprocessor": False,
     "fusion.embedding_with_post": False, "fusion.coreml_pipeline": False,
     "fusion.fbank_in_embedding_model": True, "embedding.shared_trunk": False,
-    "repeats": 1, "cache_arrays": True,
+    "segmentation.sinc_shared": False, "repeats": 1, "cache_arrays": True,
 }
 
 

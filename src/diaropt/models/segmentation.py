@@ -95,12 +95,16 @@ class SincNet(nn.Module):
                                      nn.InstanceNorm1d(60, affine=True)])
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
-        features = self.wav_norm1d(waveforms)
-        for index, (conv, pool, norm) in enumerate(zip(self.conv1d, self.pool1d, self.norm1d)):
-            features = conv(features)
-            if index == 0:
-                features = torch.abs(features)  # rectify the complex-like sinc responses
-            features = F.leaky_relu(norm(pool(features)))
+        responses = self.conv1d[0](self.wav_norm1d(waveforms))
+        return self.after_pool(self.pool1d[0](torch.abs(responses)))  # abs: rectify the sinc responses
+
+    def after_pool(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The layers after the first max-pool: (batch, 80, 5325) max-pooled absolute sinc responses
+        -> (batch, 60, 589). Order as pyannote.audio's SincNet: sinc conv, abs, max-pool, instance
+        norm, leaky ReLU, then twice conv, max-pool, instance norm, leaky ReLU."""
+        features = F.leaky_relu(self.norm1d[0](pooled))
+        for conv, pool, norm in zip(self.conv1d[1:], self.pool1d[1:], self.norm1d[1:]):
+            features = F.leaky_relu(norm(pool(conv(features))))
         return features
 
 
@@ -120,8 +124,11 @@ class PyanNet(nn.Module):
         self.classifier = nn.Linear(sizes[-1], num_classes)
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
-        features = self.sincnet(waveforms).transpose(1, 2)  # (batch, frames, 60)
-        features, _ = self.lstm(features)
+        return self.head(self.sincnet(waveforms))
+
+    def head(self, sincnet_features: torch.Tensor) -> torch.Tensor:
+        """(batch, 60, frames) SincNet output -> (batch, frames, 7) log-probabilities."""
+        features, _ = self.lstm(sincnet_features.transpose(1, 2))  # (batch, frames, 60) in
         for linear in self.linear:
             features = F.leaky_relu(linear(features))
         return F.log_softmax(self.classifier(features), dim=-1)
@@ -130,3 +137,63 @@ class PyanNet(nn.Module):
     def num_output_frames(num_samples: int) -> int:
         """Frames produced for a chunk of ``num_samples`` (589 for 160000)."""
         return segmentation_num_frames(num_samples)
+
+
+# ----------------------------------------------------------------------------------------------
+# ``segmentation.sinc_shared``: PyanNet split after its sinc convolution (pipeline.segmentation)
+
+
+class SincFront(nn.Module):
+    """The sinc convolution of the raw (not normalized) waveform, max-pooled as PyanNet's first pool,
+    and the same pool of its negation: (batch, 1, samples) float32 at 16 kHz -> ``sinc_max``,
+    ``sinc_max_neg`` (batch, 80, frames // 3) float32, ``frames = (samples - 251) // 10 + 1``.
+
+    Why this is enough to finish PyanNet per chunk (``SincRest``): ``wav_norm1d``
+    (``InstanceNorm1d(1, affine=True)``: per chunk ``gamma * (x - mean) / sqrt(var + eps) + beta``) is
+    an affine map of the chunk by two scalars and the convolution is linear without a bias, so
+    ``conv(norm(x)) = a * conv(x) + c * S`` with ``a = gamma / sqrt(var + eps)``, ``c = beta - a *
+    mean`` and ``S`` each filter's sum of taps. The next layers are ``abs`` and a max-pool of 3; over
+    a window, ``max |a y + c S|`` is ``max(u, -v)`` with ``u``, ``v`` the affine map at the window's
+    largest and smallest ``y`` (``a > 0``; float rounding is monotone, so this holds exactly). The raw
+    responses can thus be computed and pooled once over a stretch of overlapping chunks whose starts
+    differ by multiples of 30 samples, and sliced per chunk.
+    """
+
+    def __init__(self, model: PyanNet) -> None:
+        super().__init__()
+        sincnet = model.sincnet
+        self.encoder, self.pool = sincnet.conv1d[0], sincnet.pool1d[0]
+
+    def forward(self, waveforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        responses = self.encoder(waveforms)
+        return self.pool(responses), self.pool(-responses)
+
+
+class SincRest(nn.Module):
+    """PyanNet after its first max-pool, from ``SincFront``'s pooled raw responses of one chunk:
+    ``sinc_max``, ``sinc_max_neg`` (batch, 80, 5325), ``waveform_mean`` and ``waveform_variance``
+    (batch, 1) (the chunk's mean and biased variance, what ``InstanceNorm1d`` normalizes by) ->
+    ``logprobs (batch, 589, 7)``. Equals ``PyanNet`` on the chunk up to float32 rounding
+    (``SincFront``: why).
+
+    Raises:
+        ValueError: the checkpoint's ``wav_norm1d`` scale is not positive (segmentation-3.0's is 0.0099).
+    """
+
+    def __init__(self, model: PyanNet) -> None:
+        super().__init__()
+        if not bool(torch.all(model.sincnet.wav_norm1d.weight > 0)):
+            raise ValueError("segmentation.sinc_shared needs a positive sincnet.wav_norm1d.weight in the checkpoint")
+        self.model = model
+
+    def forward(self, sinc_max: torch.Tensor, sinc_max_neg: torch.Tensor, waveform_mean: torch.Tensor,
+                waveform_variance: torch.Tensor) -> torch.Tensor:
+        sincnet = self.model.sincnet
+        norm = sincnet.wav_norm1d
+        scale = norm.weight * torch.rsqrt(waveform_variance + norm.eps)  # (batch, 1)
+        taps_sum = sincnet.conv1d[0].filterbank.filters().sum(dim=-1)  # (80, 1): each filter's response to 1
+        offset = (norm.bias - scale * waveform_mean)[:, :, None] * taps_sum[None]  # (batch, 80, 1)
+        scale = scale[:, :, None]
+        # max-pool of |a y + c S| = max(a max(y) + c S, a max(-y) - c S) (a > 0)
+        pooled = torch.maximum(scale * sinc_max + offset, scale * sinc_max_neg - offset)
+        return self.model.head(sincnet.after_pool(pooled))

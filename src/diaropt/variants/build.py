@@ -283,7 +283,8 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
     built: dict[str, BuiltModel] = {}
     for stage in stages:
         mode = quant_mode_for(cfg, stage.quant_kind) if stage.quant_kind else "fp32"  # no weights / exact: fp32
-        weights = weights_sha["segmentation" if stage.kind in ("segmentation", "preprocessor") else "embedding"]
+        weights = weights_sha["segmentation" if stage.kind in ("segmentation", "segmentation_sinc", "preprocessor")
+                              else "embedding"]
         variant = {"kind": stage.kind, "weights_sha256": weights, "quant": mode, "backend": backend,
                    "tools": _tool_versions(), **stage.variant}
         if mode == "int4":  # the block size changes the weights (Core ML, and the faithful ONNX graph)
@@ -327,7 +328,10 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
                                lambda: fusion.ChainedModel([fbank_load(), network_load()]))
     if "embedding_pool" in built:
         embedding = _tiled_embedding(cfg, embedding_source.geometry, embedding, built["embedding_pool"])
-    return BuiltModels(backend, built["segmentation"], embedding, embedding_dim, weights_sha,
+    segmentation = built["segmentation"]
+    if "segmentation_sinc" in built:
+        segmentation = _shared_sinc_segmentation(built["segmentation_sinc"], segmentation)
+    return BuiltModels(backend, segmentation, embedding, embedding_dim, weights_sha,
                        preprocessor=built.get("preprocessor"), fbank=built.get("fbank"), stages=stage_models,
                        fusion=realized)
 
@@ -350,6 +354,17 @@ def _tiled_embedding(cfg: DictConfig, geometry: Any, trunk: BuiltModel, pool: Bu
                                                       "pool": pool.info.get("content_key")})}
     return BuiltModel("embedding", trunk.backend, trunk.path, info,
                       lambda: TiledTrunk(trunk.load(), pool.load(), frame_hop_samples))
+
+
+def _shared_sinc_segmentation(front: BuiltModel, rest: BuiltModel) -> BuiltModel:
+    """``segmentation.sinc_shared``: the sinc convolution and the rest of the segmentation model as one
+    segmentation-stage model (``pipeline.segmentation.SharedSinc``), reported as the rest's file with
+    a content key of both."""
+    from diaropt.pipeline.segmentation import SharedSinc
+
+    info = {**rest.info, "content_key": content_key({"front": front.info.get("content_key"),
+                                                     "rest": rest.info.get("content_key")})}
+    return BuiltModel("segmentation", rest.backend, rest.path, info, lambda: SharedSinc(front.load(), rest.load()))
 
 
 def _chain_model(backend: str, stages: list[BuiltModel], cache_root: Path, compute_unit: str) -> BuiltModel:

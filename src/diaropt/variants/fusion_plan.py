@@ -19,9 +19,10 @@ from diaropt.models.constants import (CHUNK_SAMPLES, EMBEDDING_GEOMETRY, NUM_FRA
                                       NUM_POWERSET_CLASSES, EmbeddingGeometry)
 
 #: Switch names as recorded (``fusion_<name>`` metrics); ``fbank_model_separate`` is
-#: ``fusion.fbank_in_embedding_model=false``, ``shared_trunk`` / ``tiled_trunk`` are ``embedding.*``.
+#: ``fusion.fbank_in_embedding_model=false``, ``shared_trunk`` / ``tiled_trunk`` are ``embedding.*``,
+#: ``sinc_shared`` is ``segmentation.sinc_shared``.
 SWITCHES: tuple[str, ...] = ("clean_frames_in_graph", "segmentation_with_preprocessor", "embedding_with_post",
-                             "coreml_pipeline", "fbank_model_separate", "shared_trunk", "tiled_trunk")
+                             "coreml_pipeline", "fbank_model_separate", "shared_trunk", "tiled_trunk", "sinc_shared")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class FusionPlan:
     min_num_clean_frames: int = 10
     min_active_frames: int = 1
     tiled_trunk: bool = False
+    sinc_shared: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> FusionPlan:
@@ -44,7 +46,8 @@ class FusionPlan:
         return cls(bool(f.clean_frames_in_graph), bool(f.segmentation_with_preprocessor),
                    bool(f.embedding_with_post), bool(f.coreml_pipeline), bool(f.fbank_in_embedding_model),
                    bool(cfg.embedding.shared_trunk), int(cfg.embedding.min_num_clean_frames),
-                   tiled_trunk=bool(cfg.embedding.tiled_trunk))
+                   tiled_trunk=bool(cfg.embedding.tiled_trunk),
+                   sinc_shared=bool(cfg.segmentation.get("sinc_shared", False)))
 
     @property
     def per_chunk_embedding(self) -> bool:
@@ -61,7 +64,7 @@ class FusionPlan:
               "segmentation_with_preprocessor": self.segmentation_with_preprocessor,
               "embedding_with_post": self.embedding_with_post, "coreml_pipeline": self.coreml_pipeline,
               "fbank_model_separate": not self.fbank_in_embedding_model, "shared_trunk": self.shared_trunk,
-              "tiled_trunk": self.tiled_trunk}
+              "tiled_trunk": self.tiled_trunk, "sinc_shared": self.sinc_shared}
         return {name: int(on[name]) for name in SWITCHES}
 
     def check(self) -> None:
@@ -77,6 +80,10 @@ class FusionPlan:
         if self.tiled_trunk and self.coreml_pipeline:
             raise BackendUnavailable("embedding.tiled_trunk assembles each chunk's trunk frames in numpy between "
                                      "two models, so it cannot run inside fusion.coreml_pipeline's single chain")
+        if self.sinc_shared and (self.coreml_pipeline or self.segmentation_with_preprocessor):
+            raise BackendUnavailable("segmentation.sinc_shared assembles each chunk's sinc responses in numpy between "
+                                     "two models, so it cannot run inside fusion.coreml_pipeline's chain nor with "
+                                     "fusion.segmentation_with_preprocessor: set those to false")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,8 +212,11 @@ def stage_specs(plan: FusionPlan, segmentation: Any, embedding: Any, segmentatio
                 seg_switches.append("clean_frames_in_graph")
         seg_variant["flat_input"] = flat
     seg_input = TensorSpec("waveforms", (Bs, S) if flat else (Bs, 1, S))
-    stages.append(StageSpec("segmentation", memoized(make_segmentation), [seg_input], seg_outputs, "segmentation",
-                            seg_variant, tuple(seg_switches)))
+    if plan.sinc_shared:  # check() refused the fused segmentation variants
+        stages += sinc_shared_stage_specs(segmentation, Bs, seg_outputs)
+    else:
+        stages.append(StageSpec("segmentation", memoized(make_segmentation), [seg_input], seg_outputs,
+                                "segmentation", seg_variant, tuple(seg_switches)))
 
     if plan.standalone_preprocessor:
         stages.append(StageSpec(
@@ -280,6 +290,41 @@ def tiled_stage_specs(plan: FusionPlan, embedding: Any, emb_input: TensorSpec, b
                       (*switches, "shared_trunk", "tiled_trunk")),
             StageSpec("embedding_pool", pool, [frame_features, TensorSpec("masks", (batch, F, L))], outputs, None,
                       pool_variant(with_post), pool_switches)]
+
+
+def sinc_shared_stage_specs(segmentation: Any, batch: int, outputs: list[TensorSpec]) -> list[StageSpec]:
+    """``segmentation.sinc_shared``: the segmentation model split after its first max-pool
+    (``models.segmentation.SincFront`` / ``SincRest``, run by ``pipeline.segmentation.SharedSinc``).
+    The front (kind ``segmentation_sinc``, always fp32: one convolution whose 80 x 251 filters are
+    computed from 80 pairs of cut-offs, and two max-pools) takes rows of ``SINC_BLOCK_SAMPLES`` raw
+    samples; the rest (kind ``segmentation``, quantized as the segmentation model) one chunk's pooled
+    responses and its waveform mean and variance. The front's batch (fixed in Core ML) is one
+    chunk's rows (10: what an unshared chunk needs); ``SharedSinc`` calls it as often as needed."""
+    from diaropt.pipeline.segmentation import (SINC_BLOCK_POOLED, SINC_BLOCK_SAMPLES, SINC_FILTERS,
+                                               sinc_pooled_frames)
+
+    segmentation = ModelSource.of(segmentation)
+    pooled = sinc_pooled_frames(CHUNK_SAMPLES)
+    front_batch = -(-pooled // SINC_BLOCK_POOLED)
+
+    def load(part: str) -> Callable[[], Any]:
+        def make() -> Any:
+            from diaropt.models import segmentation as models  # torch: only on a cache miss
+
+            return getattr(models, part)(segmentation.get())
+        return memoized(make)
+
+    front_outputs = [TensorSpec(name, (front_batch, SINC_FILTERS, SINC_BLOCK_POOLED))
+                     for name in ("sinc_max", "sinc_max_neg")]
+    front = StageSpec("segmentation_sinc", load("SincFront"),
+                      [TensorSpec("waveforms", (front_batch, 1, SINC_BLOCK_SAMPLES))], front_outputs, None,
+                      {"sinc_shared": {"stage": "front", "split": "after_first_pool_max_neg",
+                                       "block_samples": SINC_BLOCK_SAMPLES}}, ("sinc_shared",))
+    rest_inputs = [TensorSpec(name, (batch, SINC_FILTERS, pooled)) for name in ("sinc_max", "sinc_max_neg")]
+    rest_inputs += [TensorSpec("waveform_mean", (batch, 1)), TensorSpec("waveform_variance", (batch, 1))]
+    rest = StageSpec("segmentation", load("SincRest"), rest_inputs, outputs, "segmentation",
+                     {"sinc_shared": {"stage": "rest", "split": "after_first_pool_max_neg"}}, ("sinc_shared",))
+    return [front, rest]
 
 
 # ----------------------------------------------------------------------------------------------
