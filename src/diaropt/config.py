@@ -156,9 +156,10 @@ class SegmentationConfig:
     # 3.6 GB) at about the same speed (benchmarks/results/scaling.json)
     batch_size: int = bounded(8, ge=1)
     checkpoint: Optional[str] = None  # local path or hub id; None: pinned segmentation-3.0
-    # the model split after its sinc convolution (~25 % of its FLOPs), which then runs once per batch over
-    # the stretch of audio the batch's overlapping chunks cover (each chunk's input normalization applied
-    # after it: exact up to float32 rounding; pipeline.segmentation.SharedSinc). Not with
+    # the model split after its first max-pool: the sinc convolution (~25 % of its FLOPs) and that pool
+    # run once per ~1 s row of the recording, shared by the overlapping chunks (each chunk's input
+    # normalization applied after it: exact up to float32 rounding; pipeline.segmentation.SharedSinc).
+    # Not faster end to end on the idle 2-core VM (benchmarks/results/issue19_phase3/). Not with
     # fusion.segmentation_with_preprocessor / coreml_pipeline
     sinc_shared: bool = False
 

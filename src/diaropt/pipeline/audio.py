@@ -125,8 +125,10 @@ def chunk_starts(num_samples: int, chunk_samples: int, step_samples: int) -> np.
 
 
 def make_chunks(audio: np.ndarray, starts: np.ndarray, chunk_samples: int) -> np.ndarray:
-    """(len(starts), chunk_samples) float32 windows of ``audio (num_samples,)``: call per batch."""
-    if audio.shape[0] < chunk_samples:
-        audio = np.pad(audio, (0, chunk_samples - audio.shape[0]))
+    """(len(starts), chunk_samples) windows of ``audio (num_samples,)`` (its dtype), zeros past its end
+    (a file shorter than one chunk; a window that runs past the last sample): call per batch."""
+    end = int(starts.max(initial=0)) + chunk_samples  # initial: an empty batch still has a shape
+    if audio.shape[0] < end:
+        audio = np.pad(audio, (0, end - audio.shape[0]))
     index = starts[:, None] + np.arange(chunk_samples)[None, :]
     return audio[index]

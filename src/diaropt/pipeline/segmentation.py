@@ -178,7 +178,7 @@ class SharedSinc:
         missing = [key for key in needed if key not in blocks]
         if missing:
             block_starts = np.array([r + k * SINC_BLOCK_HOP for r, k in missing], dtype=np.int64)
-            responses = run_front(self.front, _windows(audio, block_starts, SINC_BLOCK_SAMPLES))
+            responses = run_front(self.front, make_chunks(audio, block_starts, SINC_BLOCK_SAMPLES))
             blocks.update({key: {name: value[row] for name, value in responses.items()}
                            for row, key in enumerate(missing)})
             self.blocks_computed += len(missing)
@@ -204,14 +204,6 @@ def run_front(front: RunnableModel, blocks: np.ndarray) -> dict[str, np.ndarray]
     if len(parts) == 1:
         return parts[0]
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-
-
-def _windows(audio: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-    """(len(starts), length) windows of ``audio``, zeros past its end (frames never used by a chunk)."""
-    end = int(starts.max()) + length
-    if end > audio.shape[0]:
-        audio = np.pad(audio, (0, end - audio.shape[0]))
-    return audio[starts[:, None] + np.arange(length)[None, :]]
 
 
 def _copy_frames(rows: list[np.ndarray], position: int, out: np.ndarray) -> None:
