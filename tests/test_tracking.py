@@ -121,6 +121,31 @@ def test_host_tags_versions_and_git() -> None:
     assert tracking.git_tags(Path("/"))["git.commit"] == "unknown"
 
 
+def test_cpu_simd_flags_name_the_vector_extensions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``host.cpu_simd``: the listed flags the CPU reports, in SIMD_FLAGS order; none and unknown said so."""
+    from diaropt.tracking import host
+
+    real_read_text = Path.read_text
+
+    def fake_cpuinfo(flags: str):
+        def read_text(self: Path, *args, **kwargs) -> str:
+            if str(self) == "/proc/cpuinfo":
+                return f"processor\t: 0\nflags\t\t: fpu {flags} sse2\n"
+            return real_read_text(self, *args, **kwargs)
+        return read_text
+
+    monkeypatch.setattr(Path, "read_text", fake_cpuinfo("avx512_vnni fma avx2 avx512f"))
+    assert host.cpu_simd_flags() == "avx2 fma avx512f avx512_vnni"
+    monkeypatch.setattr(Path, "read_text", fake_cpuinfo("mmx"))
+    assert host.cpu_simd_flags() == "none"
+
+    def no_procfs(self: Path, *args, **kwargs) -> str:
+        raise FileNotFoundError(str(self))
+
+    monkeypatch.setattr(Path, "read_text", no_procfs)
+    assert host.cpu_simd_flags() == "unknown"
+
+
 # --- runs -------------------------------------------------------------------------------------
 
 

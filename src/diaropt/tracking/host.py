@@ -104,6 +104,29 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+#: the CPU feature flags that decide which kernels ONNX Runtime, torch and native libraries run (x86:
+#: AVX2 / FMA, AVX-512 and its VNNI int8 dot products, AMX; Arm: ASIMD, dot product, bf16, SVE).
+#: Timings and speed ratios between engines depend on them: the same machine type can come with or without
+#: AVX-512 (senko's native fbank library needs it; ONNX Runtime and torch pick other kernels).
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
+              "asimd", "asimddp", "bf16", "i8mm", "sve", "sve2")
+
+
+def cpu_simd_flags() -> str:
+    """The :data:`SIMD_FLAGS` this CPU reports in ``/proc/cpuinfo``, space-separated ("unknown" without
+    procfs, e.g. macOS, where ``host.cpu_model`` names the chip)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                present = set(value.split())
+                return " ".join(flag for flag in SIMD_FLAGS if flag in present) or "none"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def _memory_total_bytes() -> str:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -136,6 +159,7 @@ def _static_host_tags() -> dict[str, str]:
         "host.platform": platform.platform(),
         "host.machine": platform.machine(),
         "host.cpu_model": _cpu_model(),
+        "host.cpu_simd": cpu_simd_flags(),
         "host.cpu_count_logical": str(os.cpu_count() or 0),
         "host.cpu_count_usable": str(usable),
         "host.memory_total_bytes": _memory_total_bytes(),
