@@ -26,6 +26,11 @@ per file and later runs read the array cache):
   - ``count_ok``: the rest (``n >= r`` and still ``h < r``), itself split into frames with
     ``n > K`` (fewer clusters than the count) and ``n <= K``.
 
+  ``count_zero`` and ``count_low`` are further split by ``m``, the largest number of active local speakers
+  any single chunk covering the frame has there (``n`` is the rounded *average* over chunks): missed
+  speaker-frames that some chunk did count (``min(missed, m - n)``, ``*_some_chunk``) vs that no chunk
+  counted (the segmentation never saw that speaker there).
+
   Also reported: speaker-frames where ``n > K`` (the reconstruction pads zero columns, as pyannote's
   ``to_diarization`` does, so such frames output a *phantom* speaker: they cost confusion or false alarm,
   not missed detection).
@@ -61,6 +66,7 @@ from diaropt.runner import _crop_item, dataset_from_config, load_pipeline  # noq
 from diaropt.variants.build import build_models  # noqa: E402
 
 CATEGORIES = ("count_zero", "count_low", "count_ok_fewer_clusters", "count_ok_enough_clusters")
+SUBCATEGORIES = ("count_zero_some_chunk", "count_low_some_chunk")
 
 
 def frame_middles_s(num_frames: int, frames: FrameWindow = SEGMENTATION_FRAMES) -> np.ndarray:
@@ -110,19 +116,38 @@ def oracle_hard_clusters(segmentations: np.ndarray, reference_frames: np.ndarray
     return hard
 
 
-def missed_split(r: np.ndarray, n: np.ndarray, h: np.ndarray, num_clusters: int) -> dict[str, int]:
+def missed_split(r: np.ndarray, n: np.ndarray, h: np.ndarray, num_clusters: int,
+                 m: np.ndarray | None = None) -> dict[str, int]:
     """Missed speaker-frames ``max(0, r - h)`` split into :data:`CATEGORIES` (module docstring).
 
-    ``r``, ``n``, ``h``: ``(T,)`` int reference / estimated / hypothesis speaker counts (UEM frames only).
+    ``r``, ``n``, ``h``: ``(T,)`` int reference / estimated / hypothesis speaker counts (UEM frames only);
+    ``m`` (optional, ``(T,)``): the largest per-chunk count at each frame, for the ``*_some_chunk`` parts.
     """
     r, n, h = (np.asarray(v, dtype=np.int64) for v in (r, n, h))
     missed = np.maximum(r - h, 0)
     zero = np.where(n == 0, missed, 0)
     low = np.where(n > 0, np.minimum(missed, np.maximum(r - n, 0)), 0)
     rest = missed - zero - low
-    return {"missed": int(missed.sum()), "count_zero": int(zero.sum()), "count_low": int(low.sum()),
-            "count_ok_fewer_clusters": int(rest[n > num_clusters].sum()),
-            "count_ok_enough_clusters": int(rest[n <= num_clusters].sum())}
+    out = {"missed": int(missed.sum()), "count_zero": int(zero.sum()), "count_low": int(low.sum()),
+           "count_ok_fewer_clusters": int(rest[n > num_clusters].sum()),
+           "count_ok_enough_clusters": int(rest[n <= num_clusters].sum())}
+    if m is not None:
+        seen = np.maximum(np.asarray(m, dtype=np.int64) - n, 0)
+        out["count_zero_some_chunk"] = int(np.minimum(zero, seen).sum())
+        out["count_low_some_chunk"] = int(np.minimum(low, seen).sum())
+    return out
+
+
+def chunk_max_count(segmentations: np.ndarray, offsets: np.ndarray, num_out_frames: int) -> np.ndarray:
+    """``(num_out_frames,)`` int64: the largest number of active local speakers any chunk covering the
+    frame has there (``segmentations (C, F, L)``, ``offsets (C,)`` output-grid index of each chunk)."""
+    per_chunk = np.sum(segmentations > 0, axis=-1)  # (C, F)
+    out = np.zeros(num_out_frames, dtype=np.int64)
+    for c, offset in enumerate(offsets):
+        stop = min(int(offset) + per_chunk.shape[1], num_out_frames)
+        if stop > offset:
+            np.maximum(out[offset:stop], per_chunk[c, :stop - offset], out=out[offset:stop])
+    return out
 
 
 def analyse_file(pipeline: Any, item: Any, max_duration_s: float | None) -> dict[str, Any]:
@@ -159,7 +184,8 @@ def analyse_file(pipeline: Any, item: Any, max_duration_s: float | None) -> dict
     n = count[in_uem].astype(np.int64)
     h = hypothesis_frames[in_uem].sum(axis=1)
     step_s = float(SEGMENTATION_FRAMES.step)
-    split = {k: v * step_s for k, v in missed_split(r, n, h, output.num_clusters).items()}
+    m = chunk_max_count(segmentations, offsets, count.shape[0])[in_uem]
+    split = {k: v * step_s for k, v in missed_split(r, n, h, output.num_clusters, m).items()}
     phantom = np.maximum(n - output.num_clusters, 0)
     return {"uri": item.uri, "num_speakers_reference": len(reference_labels), "num_clusters": output.num_clusters,
             "max_count": int(n.max()) if n.size else 0, "scores": scores,
@@ -181,7 +207,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     speech = sum(row["frames_reference_speech_s"] for row in rows)
     out["frames_missed_percent"] = 100 * sum(row["frames_missed_s"] for row in rows) / speech
     out["frames_missed_split_percent"] = {k: 100 * sum(row["frames_missed_split_s"][k] for row in rows) / speech
-                                          for k in CATEGORIES}
+                                          for k in CATEGORIES + SUBCATEGORIES}
     out["phantom_speaker_percent"] = 100 * sum(row["phantom_speaker_s"] for row in rows) / speech
     return out
 
@@ -206,7 +232,8 @@ def markdown(report: dict[str, Any]) -> str:
                   f"alarm {o['false_alarm_percent']:.2f}, confusion {o['confusion_percent']:.2f})",
                   f"- frame-level missed {t['frames_missed_percent']:.2f} %: n=0 {s['count_zero']:.2f}, "
                   f"0<n<r {s['count_low']:.2f}, n>=r & n>K {s['count_ok_fewer_clusters']:.2f}, n>=r & n<=K "
-                  f"{s['count_ok_enough_clusters']:.2f}; phantom speaker-frames {t['phantom_speaker_percent']:.2f}",
+                  f"{s['count_ok_enough_clusters']:.2f}; of n=0, counted by some chunk {s['count_zero_some_chunk']:.2f}; "
+                  f"of 0<n<r, counted by some chunk {s['count_low_some_chunk']:.2f}; phantom speaker-frames {t['phantom_speaker_percent']:.2f}",
                   "", "| file | ref spk / clusters / max count | default DER (miss / FA / conf) | oracle DER "
                   "(miss / FA / conf) | missed n=0 | 0<n<r | n>=r,n>K | n>=r,n<=K | phantom | ref overlap s "
                   "(counted >= 2) |", "|---|---|---|---|---|---|---|---|---|---|"]
