@@ -264,8 +264,9 @@ def markdown(report: dict[str, Any]) -> str:
                   f"alarm {o['false_alarm_percent']:.2f}, confusion {o['confusion_percent']:.2f})",
                   f"- frame-level missed {t['frames_missed_percent']:.2f} %: n=0 {s['count_zero']:.2f}, "
                   f"0<n<r {s['count_low']:.2f}, n>=r & n>K {s['count_ok_fewer_clusters']:.2f}, n>=r & n<=K "
-                  f"{s['count_ok_enough_clusters']:.2f}; of n=0, counted by some chunk {s['count_zero_some_chunk']:.2f}; "
-                  f"of 0<n<r, counted by some chunk {s['count_low_some_chunk']:.2f}; phantom speaker-frames {t['phantom_speaker_percent']:.2f}",
+                  f"{s['count_ok_enough_clusters']:.2f}; of n=0, counted by some chunk "
+                  f"{s['count_zero_some_chunk']:.2f}; of 0<n<r, counted by some chunk {s['count_low_some_chunk']:.2f}; "
+                  f"phantom speaker-frames {t['phantom_speaker_percent']:.2f}",
                   "", "| file | ref spk / clusters / max count | default DER (miss / FA / conf) | oracle DER "
                   "(miss / FA / conf) | missed n=0 | 0<n<r | n>=r,n>K | n>=r,n<=K | phantom | ref overlap s "
                   "(counted >= 2) | oracle speakers: max between cos / mean within cos |",

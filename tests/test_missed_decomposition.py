@@ -14,7 +14,8 @@ from diaropt.config import REPO_ROOT
 
 @pytest.fixture(scope="module")
 def md() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("missed_decomposition", REPO_ROOT / "experiments/missed_decomposition.py")
+    path = REPO_ROOT / "experiments/missed_decomposition.py"
+    spec = importlib.util.spec_from_file_location("missed_decomposition", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
