@@ -203,6 +203,9 @@ class ClusteringConfig:
     num_speakers: Optional[int] = bounded(None, ge=1)
     min_speakers: Optional[int] = bounded(None, ge=1)
     max_speakers: Optional[int] = bounded(None, ge=1)
+    # every variant: at least as many clusters as local speakers the segmentation has active at once for >= this
+    # many seconds without interruption in one chunk (issue 15, ami_mini analysis); null: off
+    min_clusters_overlap_s: Optional[float] = bounded(None, gt=0)
 
 
 @dataclass

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("diaropt.pipeline.clustering")  # the clustering's logger: one place to filter
 
-__all__ = ["ClusterBounds", "resolve_cluster_bounds", "split_clusters", "unit_rows", "warn_unmet"]
+__all__ = ["ClusterBounds", "resolve_cluster_bounds", "split_clusters", "sustained_speaker_count", "unit_rows",
+           "warn_unmet"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,38 @@ def resolve_cluster_bounds(
     min_clusters = min(min_speakers or 1, max_clusters)
     num_clusters = None if num_speakers is None else min(num_speakers, cap)
     return ClusterBounds(num_clusters, min_clusters, max_clusters)
+
+
+def sustained_speaker_count(segmentations: np.ndarray, min_duration_s: float, frame_step_s: float) -> int:
+    """Largest number of local speakers the segmentation has active *at once* for at least
+    ``min_duration_s`` without interruption in one chunk.
+
+    ``segmentations (num_chunks, num_frames, L)`` hard ``{0, 1}`` activations (any value ``> 0`` is
+    active); ``frame_step_s``: the chunk frame step (16.875 ms for segmentation-3.0). A run of
+    ``ceil(min_duration_s / frame_step_s - 1e-9)`` (at least 1) consecutive frames with ``>= k`` active
+    local speakers counts for ``k``. Returns an int in ``[0, L]`` (0: no frame is active).
+
+    Raises:
+        ValueError: ``segmentations`` not 3-D, or ``min_duration_s`` / ``frame_step_s`` not > 0.
+    """
+    segmentations = np.asarray(segmentations)
+    if segmentations.ndim != 3:
+        raise ValueError(f"segmentations must be (num_chunks, num_frames, L), got shape {segmentations.shape}")
+    if not min_duration_s > 0 or not frame_step_s > 0:
+        raise ValueError(f"min_duration_s and frame_step_s must be > 0, got {min_duration_s}, {frame_step_s}")
+    min_frames = max(1, int(np.ceil(min_duration_s / frame_step_s - 1e-9)))
+    counts = np.sum(segmentations > 0, axis=-1)  # (C, F)
+    best = 0
+    for k in range(1, segmentations.shape[2] + 1):
+        active = (counts >= k).astype(np.int64)
+        if active.shape[1] < min_frames or not active.any():
+            break
+        # a window of min_frames frames all active <=> its sum equals min_frames
+        window = np.cumsum(np.pad(active, ((0, 0), (1, 0))), axis=1)
+        if not np.any(window[:, min_frames:] - window[:, :-min_frames] == min_frames):
+            break
+        best = k
+    return best
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

@@ -48,16 +48,20 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import logging
+
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp, softmax
 
 from diaropt.config import ClusteringConfig, SegmentationConfig
+from diaropt.models.constants import SEGMENTATION_FRAMES
 from diaropt.pipeline.cluster_counts import (
     ClusterBounds,
     resolve_cluster_bounds,
     split_clusters,
+    sustained_speaker_count,
     warn_unmet,
 )
 from diaropt.pipeline.cluster_counts import unit_rows as _unit_rows
@@ -80,6 +84,7 @@ __all__ = [
 
 #: Label of skipped / unassigned local speakers in ``hard_clusters`` (pyannote convention).
 UNASSIGNED = -2
+log = logging.getLogger(__name__)
 _MAX_INT8_CLUSTERS = int(np.iinfo(np.int8).max) + 1
 
 
@@ -183,6 +188,16 @@ class BaseClustering(ABC):
     ``max_speakers``: default speaker counts of every call (a call's own values win).
     ``method``: the variant's config name, checked against the class (``clustering.method``
     and ``clustering._target_`` cannot disagree).
+
+    ``min_clusters_overlap_s`` (``clustering.min_clusters_overlap_s``; ``None``, the default: off): when
+    ``segmentations`` are given and no ``num_speakers`` is, at least as many clusters as the largest
+    number of local speakers the segmentation has active at once for ``>= min_clusters_overlap_s``
+    seconds without interruption in one chunk
+    (:func:`~diaropt.pipeline.cluster_counts.sustained_speaker_count`; capped by ``max_speakers``). The
+    segmentation itself then says that many people speak at once, and a clustering with fewer clusters
+    can only output the extra ones as a zero-activation column in the reconstruction (as pyannote pads).
+    The raised minimum is logged (info) naming the file; the warning for unmet bounds still refers to
+    the user's own ``min_speakers``.
     """
 
     name: ClassVar[str] = ""
@@ -195,12 +210,16 @@ class BaseClustering(ABC):
         min_speakers: int | None = None,
         max_speakers: int | None = None,
         method: str | None = None,
+        min_clusters_overlap_s: float | None = ClusteringConfig.min_clusters_overlap_s,
     ) -> None:
         if method is not None and str(method) != self.name:
             raise ValueError(f"{type(self).__name__} is clustering method {self.name!r}, got method={method!r}")
         if not 0.0 <= min_active_ratio <= 1.0:
             raise ValueError(f"min_active_ratio must be in [0, 1], got {min_active_ratio}")
         self.min_active_ratio = float(min_active_ratio)
+        if min_clusters_overlap_s is not None and not min_clusters_overlap_s > 0:
+            raise ValueError(f"min_clusters_overlap_s must be > 0 or None, got {min_clusters_overlap_s}")
+        self.min_clusters_overlap_s = None if min_clusters_overlap_s is None else float(min_clusters_overlap_s)
         resolve_cluster_bounds(1 << 20, num_speakers, min_speakers, max_speakers)  # checks values
         self.num_speakers, self.min_speakers, self.max_speakers = num_speakers, min_speakers, max_speakers
 
@@ -232,7 +251,8 @@ class BaseClustering(ABC):
         unit = _unit_rows(embeddings)
         unit[~assignable] = np.nan
         bounds = resolve_cluster_bounds(
-            int(fitting.sum()), num_speakers, min_speakers, max_speakers
+            int(fitting.sum()), num_speakers,
+            self._overlap_min_speakers(segmentations, num_speakers, min_speakers, max_speakers, uri), max_speakers
         )
         if not fitting.any():
             result = ClusteringResult(
@@ -250,6 +270,21 @@ class BaseClustering(ABC):
             result = ClusteringResult(hard, _unit_rows(fit.centroids).astype(np.float32))
         warn_unmet(uri, result, int(fitting.sum()), num_speakers, min_speakers, max_speakers)
         return result
+
+    def _overlap_min_speakers(self, segmentations: np.ndarray | None, num_speakers: int | None,
+                              min_speakers: int | None, max_speakers: int | None, uri: str | None) -> int | None:
+        """``min_speakers`` raised to the sustained instantaneous speaker count when
+        ``min_clusters_overlap_s`` is set (class docstring); unchanged otherwise."""
+        if self.min_clusters_overlap_s is None or segmentations is None or num_speakers is not None:
+            return min_speakers
+        sustained = sustained_speaker_count(segmentations, self.min_clusters_overlap_s, SEGMENTATION_FRAMES.step_s)
+        if max_speakers is not None:
+            sustained = min(sustained, max_speakers)
+        if sustained <= (min_speakers or 1):
+            return min_speakers
+        log.info("%s: %d local speakers active at once for >= %g s in one chunk: at least %d clusters",
+                 uri or "<unnamed file>", sustained, self.min_clusters_overlap_s, sustained)
+        return sustained
 
     def filter_embeddings(
         self, embeddings: np.ndarray, segmentations: np.ndarray | None
