@@ -48,8 +48,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import logging
-
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.optimize import linear_sum_assignment
@@ -60,6 +58,7 @@ from diaropt.models.constants import SEGMENTATION_FRAMES
 from diaropt.pipeline.cluster_counts import (
     ClusterBounds,
     resolve_cluster_bounds,
+    log,
     split_clusters,
     sustained_speaker_count,
     warn_unmet,
@@ -84,7 +83,6 @@ __all__ = [
 
 #: Label of skipped / unassigned local speakers in ``hard_clusters`` (pyannote convention).
 UNASSIGNED = -2
-log = logging.getLogger(__name__)
 _MAX_INT8_CLUSTERS = int(np.iinfo(np.int8).max) + 1
 
 
