@@ -35,8 +35,8 @@ slower than fp32 on x86 CPUs and less accurate, which is why the mode stops at t
 ``w8a8`` on ONNX Runtime is a ``native`` mode of its own, not a stand-in of the Core ML package:
 onnxruntime's ``quantize_static`` (QDQ format) with per-channel int8 weights and uint8 activations
 whose ranges are calibrated (MinMax) on 10 s windows of the AMI dev clips shipped as assets (never
-the ``test`` set), on the ``Conv`` nodes only; the fbank (any node under ``/fbank/``), the LSTM and
-every other op stay fp32. The calibration's identity and the quantizer's options are
+the ``test`` set), on the ``Conv`` nodes only; the fbank (nodes under ``/fbank/``), the segmentation
+model's SincNet (``/sincnet/``: its graph stays fp32), the LSTM and every other op stay fp32. The calibration's identity and the quantizer's options are
 ``w8a8_onnx_key()`` (part of the model cache key). Issue 19 phase 4 measured it on the CAM++ trunk
 (benchmarks/results/issue19_phase4/w8a8_ort.md): U8S8 without ``reduce_range`` (the ORT docs' 7-bit
 weights for AVX2 without VNNI were as fast and less accurate on this model), Conv only (quantizing the
@@ -121,8 +121,9 @@ ONNX_QUANT: dict[str, OnnxQuant] = {
         dynamic_op_types=("LSTM",), fp32_without_targets=True),
     "w8a8": OnnxQuant(
         "native", "onnxruntime quantize_static (QDQ): per-channel int8 weights and uint8 activations of the Conv "
-        "nodes, activation ranges calibrated on AMI dev windows; the fbank, the LSTM and all other ops fp32 (ONNX "
-        "Runtime's own static quantization, not the Core ML w8a8 package)",
+        "nodes, activation ranges calibrated on AMI dev windows; the fbank, the segmentation model (SincNet convs "
+        "excluded, LSTM) and all other ops fp32 (ONNX Runtime's own static quantization, not the Core ML w8a8 "
+        "package)",
         static_op_types=("Conv",), fp32_without_targets=True),
     **{mode: OnnxQuant("faithful_coreml", f"the dequantized weights of the Core ML {mode} package, fp32 compute")
        for mode in ("int8", "int4", "palettize4", "palettize6", "palettize8")},
@@ -156,11 +157,14 @@ W8A8_CALIBRATION: dict[str, Any] = {"asset": "ami", "files": ("dev00.wav", "dev0
                                     "max_windows": 32}
 #: ``w8a8`` on ONNX Runtime: onnxruntime ``quantize_static`` options (names of its ``QuantType`` /
 #: ``CalibrationMethod`` / ``QuantFormat`` members). ``exclude_name_parts``: nodes whose name contains
-#: one of these path parts stay fp32 (the fbank: its DFT convolution and mel MatMul).
+#: one of these path parts stay fp32: the waveform front ends, CAM++'s fbank (its DFT convolution) and
+#: the segmentation model's SincNet (all three of its Conv nodes, so the segmentation graph stays fp32:
+#: quantized, it was no faster, its model time being the LSTM's, and its frame-class argmax agreed with
+#: fp32 on 86 % of frames only; benchmarks/results/issue19_phase4/w8a8_ort.md).
 W8A8_STATIC: dict[str, Any] = {
     "quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
     "reduce_range": False, "calibrate_method": "MinMax", "op_types": None,  # None: the mode's static_op_types
-    "exclude_name_parts": ("/fbank/",), "pre_process": True,
+    "exclude_name_parts": ("/fbank/", "/sincnet/"), "pre_process": True,
 }
 
 #: ``quant_onnx.build_onnx``'s options and defaults (documented there); ``coreml_<option>`` go to

@@ -170,7 +170,8 @@ def _quantize_static(src: Path, dst: Path, mode: str, inputs: list[TensorSpec], 
     ``src`` first gets its input-independent computed tensors folded into initializers (SincNet's
     filters become weights) and, with ``pre_process``, onnxruntime's ``quant_pre_process`` (shape
     inference and basic graph optimization: Conv+BatchNorm folding; no symbolic shape inference).
-    Nodes whose name contains one of ``exclude_name_parts`` stay fp32. Info: ``w8a8_onnx`` (the
+    Nodes whose name contains one of ``exclude_name_parts`` stay fp32 (a graph whose every target is
+    excluded is ``src`` unchanged when ``fp32_without_targets``). Info: ``w8a8_onnx`` (the
     calibration and options used, ``quant.w8a8_onnx_key``), ``calibration_windows``,
     ``static_op_types``, ``qdq_nodes`` (QuantizeLinear / DequantizeLinear counts in the saved QDQ
     graph), ``quantized_ops`` (per op type, nodes whose weight is dequantized int8), ``int8_nodes``
@@ -179,8 +180,8 @@ def _quantize_static(src: Path, dst: Path, mode: str, inputs: list[TensorSpec], 
     optimization: what the CPU kernels run), ``calibrate_s``.
 
     Raises:
-        RuntimeError: nothing was quantized (unless the graph has no ``op_types`` node and
-            ``fp32_without_targets``: then ``dst`` is ``src`` and ``kept_fp32`` says why).
+        RuntimeError: nothing was quantized (unless the graph has no ``op_types`` node left after the
+            exclusion and ``fp32_without_targets``: then ``dst`` is ``src`` and ``kept_fp32`` says why).
         ValueError: from ``calibration_windows``.
     """
     import onnxruntime as ort
@@ -192,19 +193,21 @@ def _quantize_static(src: Path, dst: Path, mode: str, inputs: list[TensorSpec], 
 
     op_types = list(op_types)
     info: dict[str, Any] = {"static_op_types": op_types, "w8a8_onnx": w8a8_onnx_key(calibration, static)}
-    present = collections.Counter(node.op_type for node in onnx.load(str(src), load_external_data=False).graph.node
-                                  if node.op_type in op_types)
-    if not present and fp32_without_targets:
+    parts = tuple(static["exclude_name_parts"])
+    nodes = onnx.load(str(src), load_external_data=False).graph.node
+    present = collections.Counter(node.op_type for node in nodes if node.op_type in op_types)
+    targets = [node.name for node in nodes if node.op_type in op_types and not any(p in node.name for p in parts)]
+    if not targets and fp32_without_targets:
         shutil.copyfile(src, dst)
-        return {**info, "quantized_ops": {}, "int8_nodes": 0,
-                "kept_fp32": f"no {'/'.join(op_types)} node in the graph: quant={mode} leaves it fp32"}
+        why = (f"no {'/'.join(op_types)} node in the graph" if not present else
+               f"every {'/'.join(op_types)} node ({dict(present)}) is excluded by name ({list(parts)})")
+        return {**info, "quantized_ops": {}, "int8_nodes": 0, "kept_fp32": f"{why}: quant={mode} leaves it fp32"}
     feeds = calibration_windows(inputs, calibration)
     info["folded_constants"] = fold_computed_constants(src, {k: v for k, v in feeds[0].items()})
     model_in = src
     if static["pre_process"]:
         model_in = work / "pre_processed.onnx"
         quant_pre_process(str(src), str(model_in), skip_symbolic_shape=True)
-    parts = tuple(static["exclude_name_parts"])
     graph = onnx.load(str(model_in)).graph
     exclude = [n.name for n in graph.node if any(part in n.name for part in parts)]
 
