@@ -36,8 +36,9 @@ slower than fp32 on x86 CPUs and less accurate, which is why the mode stops at t
 onnxruntime's ``quantize_static`` (QDQ format) with per-channel int8 weights and uint8 activations
 whose ranges are calibrated (MinMax) on 10 s windows of the AMI dev clips shipped as assets (never
 the ``test`` set), on the ``Conv`` nodes only; the fbank (nodes under ``/fbank/``), the segmentation
-model's SincNet (``/sincnet/``: its graph stays fp32), the LSTM and every other op stay fp32. The calibration's identity and the quantizer's options are
-``w8a8_onnx_key()`` (part of the model cache key). Issue 19 phase 4 measured it on the CAM++ trunk
+model's SincNet (``/sincnet/``: its graph stays fp32), the LSTM and every other op stay fp32. The
+calibration's identity and the quantizer's options are ``w8a8_onnx_key()`` (part of the model cache
+key). Issue 19 phase 4 measured it on the CAM++ trunk
 (benchmarks/results/issue19_phase4/w8a8_ort.md): U8S8 without ``reduce_range`` (the ORT docs' 7-bit
 weights for AVX2 without VNNI were as fast and less accurate on this model), Conv only (quantizing the
 Concat / Add / Relu too broke CAM++'s dense blocks: frame-feature error 0.69).

@@ -6,8 +6,8 @@ the op block list), after the input-independent computed tensors (SincNet's filt
 into fp32 initializers, as Core ML's conversion does. ``int8_dynamic`` (Conv, MatMul, Gemm, LSTM) and
 ``int8_dynamic_lstm`` (LSTM only; graphs without one stay fp32):
 ``onnxruntime.quantization.quantize_dynamic``. ``w8a8`` (Conv weights and activations, calibrated on
-AMI dev windows): ``onnxruntime.quantization.quantize_static`` in QDQ format. Faithful modes (the Core ML compressions) are built
-by ``variants.quant_faithful``. The choices themselves live in ``variants.quant``.
+AMI dev windows): ``onnxruntime.quantization.quantize_static`` in QDQ format. Faithful modes (the
+Core ML compressions) are built by ``variants.quant_faithful``. The choices themselves live in ``variants.quant``.
 """
 
 from __future__ import annotations
@@ -250,8 +250,9 @@ def _quantize_static(src: Path, dst: Path, mode: str, inputs: list[TensorSpec], 
     fused = collections.Counter(node.op_type for node in onnx.load(str(optimized)).graph.node
                                 if node.op_type.startswith("QLinear") or node.op_type in QDQ_OPS)
     optimized.unlink()
-    return {**info, "qdq_nodes": {k: counts.get(k, 0) for k in QDQ_OPS}, "quantized_ops": dict(sorted(quantized.items())),
-            "int8_nodes": sum(quantized.values()), "fp32_target_nodes": left, "ort_fused_ops": dict(sorted(fused.items()))}
+    return {**info, "qdq_nodes": {k: counts.get(k, 0) for k in QDQ_OPS},
+            "quantized_ops": dict(sorted(quantized.items())), "int8_nodes": sum(quantized.values()),
+            "fp32_target_nodes": left, "ort_fused_ops": dict(sorted(fused.items()))}
 
 
 def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
@@ -278,8 +279,8 @@ def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inpu
         ValueError: an unknown mode. TypeError: an unknown option.
         BackendUnavailable: the mode has no ONNX realization, before any work.
         ValueError: w8a8 on a model whose inputs are not waveforms (+ masks).
-        RuntimeError: a dynamic or static mode quantized nothing (int8_dynamic_lstm: in a graph that has an LSTM); a faithful graph lacks a Core ML weight; no
-            optimization level works.
+        RuntimeError: a dynamic or static mode quantized nothing (int8_dynamic_lstm, w8a8: in a graph
+            that has a target node); a faithful graph lacks a Core ML weight; no optimization level works.
     """
     from diaropt.backends import onnxruntime as ort_backend
 
