@@ -178,3 +178,28 @@ def test_torch_refuses_and_coreml_w8a8_still_needs_macos_before_any_work(monkeyp
         with pytest.raises(BackendUnavailable, match="macOS"):
             quant.refuse_unbuildable("w8a8")  # no backend given: Core ML's needs macOS
     assert not any((tmp_path / "models").glob("*/model.*"))
+
+
+@pytest.mark.slow
+def test_the_real_trunk_in_w8a8_stays_close_to_fp32_on_held_out_audio(tmp_path, assets) -> None:
+    """The CAM++ trunk built by ``build_models`` (quant=w8a8, onnxruntime; ~1 min on a cold cache):
+    224 Conv nodes int8, the fbank fp32, the segmentation graph fp32; frame features on 3 windows of
+    AMI trn00 (not calibration audio) within ``MAX_REL_ERROR`` of the fp32 trunk's."""
+    import diaropt.variants.build as build
+    from diaropt.config import compose
+
+    def models(mode: str):
+        return build.build_models(compose(["backend=onnxruntime", f"quant={mode}"]))
+
+    fp32, w8a8 = models("fp32"), models("w8a8")
+    trunk = next(m for m in w8a8.stages if m.kind == "embedding")
+    assert trunk.info["quantized_ops"] == {"Conv": 224} and trunk.info["fp32_target_nodes"] == ["/fbank/Conv"]
+    assert "excluded by name" in next(m for m in w8a8.stages if m.kind == "segmentation").info["kept_fp32"]
+    feeds = calibration_windows([TensorSpec("waveforms", (3, 160_000))],
+                                {**quant.W8A8_CALIBRATION, "files": ("trn00.wav",), "max_windows": 3})
+    x = np.concatenate([feed["waveforms"] for feed in feeds])
+    reference_path = next(m for m in fp32.stages if m.kind == "embedding").path
+    reference = OnnxRuntimeModel(reference_path)(waveforms=x)["frame_features"]
+    out = OnnxRuntimeModel(trunk.path)(waveforms=x)["frame_features"]
+    error = np.linalg.norm(out - reference) / np.linalg.norm(reference)
+    assert 0 < error < MAX_REL_ERROR, error
