@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diaropt.assets import ASSETS
 from diaropt.backends.base import BackendUnavailable, TensorSpec, is_macos
 from diaropt.backends.onnxruntime import OnnxRuntimeModel
 from diaropt.variants import quant
@@ -151,9 +152,9 @@ def test_the_cache_key_holds_the_calibration_and_options(monkeypatch, tmp_path, 
     assert not any("w8a8_onnx" in p for p in payloads)  # other modes' keys are unchanged
     default = keys("quant=w8a8")
     trunk = next(p for p in payloads if p["kind"] == "embedding")
-    assert trunk["w8a8_onnx"]["calibration"]["files"] == {
-        name: next(m.sha256 for m in __import__("diaropt.assets", fromlist=["ASSETS"]).ASSETS["ami"][1]
-                   if m.relpath == name) for name in quant.W8A8_CALIBRATION["files"]}
+    pinned = {m.relpath: m.sha256 for m in ASSETS["ami"][1]}
+    files = quant.W8A8_CALIBRATION["files"]
+    assert trunk["w8a8_onnx"]["calibration"]["files"] == {name: pinned[name] for name in files}
     assert default["embedding"] != fp32["embedding"]
     monkeypatch.setitem(quant.W8A8_CALIBRATION, "files", ("dev00.wav",))
     one_clip = keys("quant=w8a8")
@@ -183,8 +184,9 @@ def test_torch_refuses_and_coreml_w8a8_still_needs_macos_before_any_work(monkeyp
 @pytest.mark.slow
 def test_the_real_trunk_in_w8a8_stays_close_to_fp32_on_held_out_audio(tmp_path, assets) -> None:
     """The CAM++ trunk built by ``build_models`` (quant=w8a8, onnxruntime; ~1 min on a cold cache):
-    223 Conv nodes int8, the fbank and the first conv after it fp32, the segmentation graph fp32; frame features on 3 windows of
-    AMI trn00 (not calibration audio) within ``MAX_REL_ERROR`` of the fp32 trunk's."""
+    223 Conv nodes int8, the fbank and the first conv after it fp32, the segmentation graph fp32;
+    frame features on 3 windows of AMI trn00 (not calibration audio) within ``MAX_REL_ERROR`` of the
+    fp32 trunk's."""
     import diaropt.variants.build as build
     from diaropt.config import compose
 

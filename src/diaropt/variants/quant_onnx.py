@@ -7,7 +7,8 @@ into fp32 initializers, as Core ML's conversion does. ``int8_dynamic`` (Conv, Ma
 ``int8_dynamic_lstm`` (LSTM only; graphs without one stay fp32):
 ``onnxruntime.quantization.quantize_dynamic``. ``w8a8`` (Conv weights and activations, calibrated on
 AMI dev windows): ``onnxruntime.quantization.quantize_static`` in QDQ format. Faithful modes (the
-Core ML compressions) are built by ``variants.quant_faithful``. The choices themselves live in ``variants.quant``.
+Core ML compressions) are built by ``variants.quant_faithful``. The choices themselves live in
+``variants.quant``.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def _quantize_static(src: Path, dst: Path, mode: str, inputs: list[TensorSpec], 
                f"every {'/'.join(op_types)} node ({dict(present)}) is excluded by name ({list(parts)})")
         return {**info, "quantized_ops": {}, "int8_nodes": 0, "kept_fp32": f"{why}: quant={mode} leaves it fp32"}
     feeds = calibration_windows(inputs, calibration)
-    info["folded_constants"] = fold_computed_constants(src, {k: v for k, v in feeds[0].items()})
+    info["folded_constants"] = fold_computed_constants(src, dict(feeds[0]))
     model_in = src
     if static["pre_process"]:
         model_in = work / "pre_processed.onnx"
@@ -226,6 +227,8 @@ def _quantize_static(src: Path, dst: Path, mode: str, inputs: list[TensorSpec], 
                     weight_type=getattr(QuantType, static["weight_type"]), nodes_to_exclude=exclude,
                     calibrate_method=getattr(CalibrationMethod, static["calibrate_method"]))
     info.update(calibrate_s=time.perf_counter() - start, calibration_windows=len(feeds), excluded_nodes=len(exclude))
+    if model_in != src:
+        model_in.unlink()  # an fp32 copy: not kept in the cache entry
     quantized_graph = onnx.load(str(dst)).graph
     producer = {out: node.op_type for node in quantized_graph.node for out in node.output}
     initializers = {t.name for t in quantized_graph.initializer}
