@@ -74,14 +74,14 @@ def test_diarize_refuses_colliding_outputs_before_any_work(tmp_path: Path, monke
 
 @pytest.mark.parametrize(("override", "reason"), [
     ("embedding=wespeaker_resnet34", "CheckpointError: embedding model 'wespeaker_resnet34' has no pinned weights"),
-    ("quant=w8a8", "quant=w8a8 cannot be built on this host"),  # refused before any work (builder)
+    ("backend=coreml quant=w8a8", "quant=w8a8 cannot be built on this host"),  # refused before any work (builder)
 ])
 def test_an_unbuildable_configuration_ends_diarize_with_one_line_and_exit_3(tmp_path: Path, assets, override: str,
                                                                             reason: str) -> None:
     audio = tmp_path / "a.wav"
     shutil.copy(assets["sample"] / "sample.wav", audio)
     result = subprocess.run([sys.executable, "-m", "diaropt", "diarize", str(audio), "--out", str(tmp_path / "out"),
-                             "--no-progress", override], capture_output=True, text=True, timeout=600)
+                             "--no-progress", *override.split()], capture_output=True, text=True, timeout=600)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

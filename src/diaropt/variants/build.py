@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from diaropt import progress
 from diaropt.backends.base import BackendUnavailable, RunnableModel, TensorSpec, is_macos
 from diaropt.variants import fusion_plan as fusion  # torch-free: torch loads only when a model is built
-from diaropt.variants.quant import refuse_unbuildable  # torch-free too
+from diaropt.variants.quant import refuse_unbuildable, w8a8_onnx_key  # torch-free too
 
 if TYPE_CHECKING:
     import torch
@@ -289,6 +289,8 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
                    "tools": _tool_versions(), **stage.variant}
         if mode == "int4":  # the block size changes the weights (Core ML, and the faithful ONNX graph)
             variant["int4_block_size"] = int(cfg.quant.int4_block_size)
+        if mode == "w8a8" and backend == "onnxruntime":  # the calibration data and quantizer options
+            variant["w8a8_onnx"] = w8a8_onnx_key()
         if stage.kind in ("embedding", "fbank"):  # not embedding_pool: it never sees the fbank
             variant.update(embedding=_value(cfg.embedding.name), frame_extraction=_value(cfg.frame_extraction.mode),
                            frame_batch_size=cfg.frame_extraction.batch_size)

@@ -32,6 +32,18 @@ CAM++ / ResNet embedding, fbank, pooling) stays the fp32 graph and its build inf
 prototype (benchmarks/results/issue19_phase1/) found quantizing the Conv layers too (``ConvInteger``)
 slower than fp32 on x86 CPUs and less accurate, which is why the mode stops at the LSTM.
 
+``w8a8`` on ONNX Runtime is a ``native`` mode of its own, not a stand-in of the Core ML package:
+onnxruntime's ``quantize_static`` (QDQ format) with per-channel int8 weights and uint8 activations
+whose ranges are calibrated (MinMax) on 10 s windows of the AMI dev clips shipped as assets (never
+the ``test`` set), on the ``Conv`` nodes only; the fbank (nodes under ``/fbank/``) and the first
+convolution reading its output (``/head/conv1/``), the segmentation model's SincNet (``/sincnet/``:
+its graph stays fp32), the LSTM and every other op stay fp32. The calibration's identity and the
+quantizer's options are ``w8a8_onnx_key()`` (part of the model cache key). Issue 19 phase 4
+measured it on the CAM++ trunk
+(benchmarks/results/issue19_phase4/w8a8_ort.md): U8S8 without ``reduce_range`` (the ORT docs' 7-bit
+weights for AVX2 without VNNI were as fast and less accurate on this model), Conv only (quantizing the
+Concat / Add / Relu too broke CAM++'s dense blocks: frame-feature error 0.69).
+
 The dynamic modes are ONNX Runtime kernels with no Core ML counterpart (Core ML quantizes weights, or
 weights and activations with calibrated static ranges; it has no per-call activation quantization of
 an LSTM), and torch is the fp32 reference: both refuse them before any work (``refuse_unbuildable``).
@@ -67,14 +79,17 @@ class OnnxQuant:
     """How a quant mode is realized as an ONNX graph: ``native`` or ``faithful_coreml``.
 
     ``dynamic_op_types``: for onnxruntime's dynamic int8 quantization, the ONNX op types whose weights
-    it quantizes (empty: not a dynamic mode). ``fp32_without_targets``: a graph with no node of those
-    types stays the fp32 graph (recorded in the build info) instead of failing as "quantized nothing".
+    it quantizes (empty: not a dynamic mode). ``static_op_types``: for its static (calibrated) QDQ
+    quantization, the op types whose weights and input activations it quantizes (empty: not a static
+    mode). ``fp32_without_targets``: a graph with no node of those types stays the fp32 graph
+    (recorded in the build info) instead of failing as "quantized nothing".
     """
 
     kind: str
     description: str
     dynamic_op_types: tuple[str, ...] = ()
     fp32_without_targets: bool = False
+    static_op_types: tuple[str, ...] = ()  # onnxruntime quantize_static (calibrated activations)
 
 
 W8A8_NEEDS_MACOS = ("w8a8 calibrates activation ranges by running Core ML predictions "
@@ -106,6 +121,12 @@ ONNX_QUANT: dict[str, OnnxQuant] = {
         "native", "onnxruntime quantize_dynamic of the LSTM nodes only (DynamicQuantizeLSTM: int8 weights, "
         "activations quantized at run time); every other op, and every graph without an LSTM, in fp32",
         dynamic_op_types=("LSTM",), fp32_without_targets=True),
+    "w8a8": OnnxQuant(
+        "native", "onnxruntime quantize_static (QDQ): per-channel int8 weights and uint8 activations of the Conv "
+        "nodes, activation ranges calibrated on AMI dev windows; the fbank, the segmentation model (SincNet convs "
+        "excluded, LSTM) and all other ops fp32 (ONNX Runtime's own static quantization, not the Core ML w8a8 "
+        "package)",
+        static_op_types=("Conv",), fp32_without_targets=True),
     **{mode: OnnxQuant("faithful_coreml", f"the dequantized weights of the Core ML {mode} package, fp32 compute")
        for mode in ("int8", "int4", "palettize4", "palettize6", "palettize8")},
 }
@@ -131,13 +152,54 @@ COREML_OPTIONS: dict[str, Any] = {
     "compress_scope": "parameters", "keep_fp32_ops": COREML_FP32_OPS, "num_kmeans_workers": 1,
     "fold_batchnorm": True, "calibration_data": None,
 }
+#: ``w8a8`` on ONNX Runtime: where its calibration windows come from. ``files`` of the pinned
+#: ``asset`` (the AMI dev clips: never the ``test`` set, and present on a fresh clone), cut into windows
+#: of the model input's length at ``hop_s`` (22 windows of 10 s at a 2 s hop from the two 30 s clips).
+W8A8_CALIBRATION: dict[str, Any] = {"asset": "ami", "files": ("dev00.wav", "dev01.wav"), "hop_s": 2.0,
+                                    "max_windows": 32}
+#: ``w8a8`` on ONNX Runtime: onnxruntime ``quantize_static`` options (names of its ``QuantType`` /
+#: ``CalibrationMethod`` / ``QuantFormat`` members). ``exclude_name_parts``: nodes whose name contains
+#: one of these path parts stay fp32: the waveform front ends, CAM++'s fbank (its DFT convolution), the
+#: first convolution after it (``/head/conv1/``, reading the log-mel features: kept fp32, the frame
+#: features' error fell from 0.106 to 0.096 and the short-mask embedding cosine minimum rose from
+#: 0.973 to 0.981 at the same speed; benchmarks/results/issue19_phase4/w8a8_exclusions.json) and
+#: the segmentation model's SincNet (all three of its Conv nodes, so the segmentation graph stays fp32:
+#: quantized, it was no faster, its model time being the LSTM's, and its frame-class argmax agreed with
+#: fp32 on 86 % of frames only; benchmarks/results/issue19_phase4/w8a8_ort.md).
+W8A8_STATIC: dict[str, Any] = {
+    "quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
+    "reduce_range": False, "calibrate_method": "MinMax", "op_types": None,  # None: the mode's static_op_types
+    "exclude_name_parts": ("/fbank/", "/head/conv1/", "/sincnet/"), "pre_process": True,
+}
+
 #: ``quant_onnx.build_onnx``'s options and defaults (documented there); ``coreml_<option>`` go to
 #: the Core ML build of a faithful mode.
 ONNX_OPTIONS: dict[str, Any] = {
     "optimization_level": "all", "probe": True, "probe_timeout_s": 600.0, "keep_fp32_ops": ONNX_FP32_OPS,
     "dynamic_op_types": None, "dynamic_per_channel": False, "keep_work": True,  # None: the mode's
+    "calibration": W8A8_CALIBRATION, "static": W8A8_STATIC,
     **{f"coreml_{k}": v for k, v in COREML_OPTIONS.items()},
 }
+
+
+def w8a8_onnx_key(calibration: dict[str, Any] | None = None, static: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an ONNX Runtime ``w8a8`` graph depends on beyond the weights: the calibration (asset,
+    files and each file's pinned sha256, windowing) and the ``quantize_static`` options, with
+    defaults ``W8A8_CALIBRATION`` / ``W8A8_STATIC``. Torch-free (the sha256 are the pinned assets'
+    digests from ``diaropt.assets.ASSETS``, not read from disk); enters the model cache key.
+
+    Raises:
+        TypeError: an unknown calibration or static option.
+        KeyError: the calibration asset or one of its files is not pinned.
+    """
+    from diaropt.assets import ASSETS
+
+    calibration = with_defaults(calibration or {}, W8A8_CALIBRATION, "w8a8 calibration")
+    static = with_defaults(static or {}, W8A8_STATIC, "w8a8 static options")
+    members = {m.relpath: m.sha256 for m in ASSETS[calibration["asset"]][1]}
+    files = {name: members[name] for name in calibration["files"]}
+    return {"calibration": {**calibration, "files": files},
+            "static": {k: list(v) if isinstance(v, tuple) else v for k, v in static.items()}}
 
 
 def check_mode(mode: str) -> None:
@@ -167,19 +229,19 @@ def onnx_quant(mode: str) -> OnnxQuant:
 
     Raises:
         ValueError: ``mode`` is not a quant mode.
-        BackendUnavailable: ``mode`` has no ONNX realization (``w8a8``).
+        BackendUnavailable: ``mode`` has no ONNX realization (every quant mode has one today).
     """
     check_mode(mode)
     if mode not in ONNX_QUANT:
-        raise BackendUnavailable(f"quant={mode} has no ONNX Runtime realization: {W8A8_NEEDS_MACOS}, and ONNX "
-                                 f"Runtime's static quantization would not be the same model; ONNX modes: "
+        raise BackendUnavailable(f"quant={mode} has no ONNX Runtime realization; ONNX modes: "
                                  f"{', '.join(sorted(ONNX_QUANT))}")
     return ONNX_QUANT[mode]
 
 
 def refuse_unbuildable(mode: str, backend: str | None = None) -> None:
-    """Raises ``BackendUnavailable`` before any work for a quant mode this host cannot build: w8a8
-    calibrates activations with Core ML predictions (macOS only); with ``backend`` (resolved:
+    """Raises ``BackendUnavailable`` before any work for a quant mode this host cannot build: Core ML's
+    w8a8 calibrates activations with Core ML predictions (macOS only; ONNX Runtime's w8a8 is its own
+    static quantization and builds anywhere); with ``backend`` (resolved:
     coreml | onnxruntime | torch) also a mode that backend has no realization of (``coreml_quant`` /
     ``onnx_quant``; torch runs fp32 only).
 
@@ -188,7 +250,8 @@ def refuse_unbuildable(mode: str, backend: str | None = None) -> None:
         BackendUnavailable: as above; the reason names the mode.
     """
     spec = COREML_QUANT.get(mode)
-    if spec is not None and spec.needs_macos and not is_macos():
+    if (spec is not None and spec.needs_macos and not is_macos()
+            and (backend in (None, "coreml") or mode not in ONNX_QUANT)):  # w8a8 has an ONNX Runtime mode
         raise BackendUnavailable(f"quant={mode} cannot be built on this host: {spec.needs_macos}")
     if backend == "coreml":
         coreml_quant(mode)

@@ -5,8 +5,10 @@
 the op block list), after the input-independent computed tensors (SincNet's filters) are folded
 into fp32 initializers, as Core ML's conversion does. ``int8_dynamic`` (Conv, MatMul, Gemm, LSTM) and
 ``int8_dynamic_lstm`` (LSTM only; graphs without one stay fp32):
-``onnxruntime.quantization.quantize_dynamic``. Faithful modes (the Core ML compressions) are built
-by ``variants.quant_faithful``. The choices themselves live in ``variants.quant``.
+``onnxruntime.quantization.quantize_dynamic``. ``w8a8`` (Conv weights and activations, calibrated on
+AMI dev windows): ``onnxruntime.quantization.quantize_static`` in QDQ format. Faithful modes (the
+Core ML compressions) are built by ``variants.quant_faithful``. The choices themselves live in
+``variants.quant``.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto
 from torch import nn
 
 from diaropt.backends.base import TensorSpec
-from diaropt.variants.quant import ONNX_OPTIONS, onnx_quant, with_defaults
+from diaropt.variants.quant import ONNX_OPTIONS, W8A8_CALIBRATION, W8A8_STATIC, onnx_quant, with_defaults
 from diaropt.variants.quant_faithful import build_faithful, fold_computed_constants, zero_feeds
 
 
@@ -112,6 +115,149 @@ def _quantize_dynamic(src: Path, dst: Path, mode: str, op_types: Iterable[str], 
     return {**info, "quantized_ops": quantized, "int8_nodes": sum(quantized.values())}
 
 
+def calibration_windows(inputs: list[TensorSpec], calibration: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds for ``w8a8`` on ONNX Runtime: one dict per window, each input at batch 1.
+
+    ``waveforms`` (float32 (B, [1,] S)): consecutive windows of S samples of the ``calibration``
+    files (``quant.W8A8_CALIBRATION``: pinned asset files, read at 16 kHz, verified by
+    ``diaropt.assets.asset_path``) every ``hop_s`` seconds, at most ``max_windows``; ``masks``: ones
+    (every frame of every local speaker active). Returns at least one feed.
+
+    Raises:
+        ValueError: an input other than ``waveforms`` / ``masks`` (e.g. the separate fbank's
+            ``features``: calibrating it would need the upstream model), a file not at 16 kHz or
+            shorter than one window.
+    """
+    import soundfile as sf
+
+    from diaropt.assets import asset_path
+    from diaropt.models.constants import SAMPLE_RATE_HZ
+
+    unknown = [s.name for s in inputs if s.name not in ("waveforms", "masks")]
+    if unknown:
+        raise ValueError(f"w8a8 on ONNX Runtime calibrates from waveforms; this model also takes {unknown}")
+    wave = next(s for s in inputs if s.name == "waveforms")
+    samples = int(wave.shape[-1])
+    hop = int(round(calibration["hop_s"] * SAMPLE_RATE_HZ))
+    windows: list[np.ndarray] = []
+    for name in calibration["files"]:
+        audio, rate = sf.read(str(asset_path(calibration["asset"]) / name), dtype="float32", always_2d=True)
+        if rate != SAMPLE_RATE_HZ or len(audio) < samples:
+            raise ValueError(f"calibration file {name}: {rate} Hz, {len(audio)} samples (need {SAMPLE_RATE_HZ} Hz, "
+                             f">= {samples})")
+        mono = audio.mean(axis=1)
+        windows += [mono[start:start + samples] for start in range(0, len(mono) - samples + 1, hop)]
+    windows = windows[:int(calibration["max_windows"])]
+    feeds = []
+    for window in windows:
+        feed = {}
+        for spec in inputs:
+            shape = (1, *spec.shape[1:])
+            feed[spec.name] = (window.reshape(shape) if spec.name == "waveforms"
+                               else np.ones(shape, np.float32)).astype(np.float32)
+        feeds.append(feed)
+    return feeds
+
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _quantize_static(src: Path, dst: Path, mode: str, inputs: list[TensorSpec], op_types: Iterable[str],
+                     calibration: dict[str, Any], static: dict[str, Any], work: Path,
+                     fp32_without_targets: bool = False) -> dict[str, Any]:
+    """Weights and input activations of ``op_types`` nodes in 8 bits with onnxruntime's
+    ``quantize_static`` (``static``: ``quant.W8A8_STATIC``), calibrated on ``calibration_windows``.
+
+    ``src`` first gets its input-independent computed tensors folded into initializers (SincNet's
+    filters become weights) and, with ``pre_process``, onnxruntime's ``quant_pre_process`` (shape
+    inference and basic graph optimization: Conv+BatchNorm folding; no symbolic shape inference).
+    Nodes whose name contains one of ``exclude_name_parts`` stay fp32 (a graph whose every target is
+    excluded is ``src`` unchanged when ``fp32_without_targets``). Info: ``w8a8_onnx`` (the
+    calibration and options used, ``quant.w8a8_onnx_key``), ``calibration_windows``,
+    ``static_op_types``, ``qdq_nodes`` (QuantizeLinear / DequantizeLinear counts in the saved QDQ
+    graph), ``quantized_ops`` (per op type, nodes whose weight is dequantized int8), ``int8_nodes``
+    (their sum), ``fp32_target_nodes`` (names of ``op_types`` nodes left fp32), ``ort_fused_ops``
+    (QLinear* / remaining Q/DQ op counts after ONNX Runtime's extended, hardware-independent graph
+    optimization: what the CPU kernels run), ``calibrate_s``.
+
+    Raises:
+        RuntimeError: nothing was quantized (unless the graph has no ``op_types`` node left after the
+            exclusion and ``fp32_without_targets``: then ``dst`` is ``src`` and ``kept_fp32`` says why).
+        ValueError: from ``calibration_windows``.
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from diaropt.variants.quant import w8a8_onnx_key
+
+    op_types = list(op_types)
+    info: dict[str, Any] = {"static_op_types": op_types, "w8a8_onnx": w8a8_onnx_key(calibration, static)}
+    parts = tuple(static["exclude_name_parts"])
+    nodes = onnx.load(str(src), load_external_data=False).graph.node
+    present = collections.Counter(node.op_type for node in nodes if node.op_type in op_types)
+    targets = [node.name for node in nodes if node.op_type in op_types and not any(p in node.name for p in parts)]
+    if not targets and fp32_without_targets:
+        shutil.copyfile(src, dst)
+        why = (f"no {'/'.join(op_types)} node in the graph" if not present else
+               f"every {'/'.join(op_types)} node ({dict(present)}) is excluded by name ({list(parts)})")
+        return {**info, "quantized_ops": {}, "int8_nodes": 0, "kept_fp32": f"{why}: quant={mode} leaves it fp32"}
+    feeds = calibration_windows(inputs, calibration)
+    info["folded_constants"] = fold_computed_constants(src, dict(feeds[0]))
+    model_in = src
+    if static["pre_process"]:
+        model_in = work / "pre_processed.onnx"
+        quant_pre_process(str(src), str(model_in), skip_symbolic_shape=True)
+    graph = onnx.load(str(model_in)).graph
+    exclude = [n.name for n in graph.node if any(part in n.name for part in parts)]
+
+    class Windows(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rows = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.rows, None)
+
+    start = time.perf_counter()
+    quantize_static(str(model_in), str(dst), Windows(), quant_format=getattr(QuantFormat, static["quant_format"]),
+                    op_types_to_quantize=op_types, per_channel=bool(static["per_channel"]),
+                    reduce_range=bool(static["reduce_range"]),
+                    activation_type=getattr(QuantType, static["activation_type"]),
+                    weight_type=getattr(QuantType, static["weight_type"]), nodes_to_exclude=exclude,
+                    calibrate_method=getattr(CalibrationMethod, static["calibrate_method"]))
+    info.update(calibrate_s=time.perf_counter() - start, calibration_windows=len(feeds), excluded_nodes=len(exclude))
+    if model_in != src:
+        model_in.unlink()  # an fp32 copy: not kept in the cache entry
+    quantized_graph = onnx.load(str(dst)).graph
+    producer = {out: node.op_type for node in quantized_graph.node for out in node.output}
+    initializers = {t.name for t in quantized_graph.initializer}
+    counts = collections.Counter(node.op_type for node in quantized_graph.node)
+    quantized: collections.Counter[str] = collections.Counter()
+    left: list[str] = []
+    for node in quantized_graph.node:
+        if node.op_type in op_types:
+            weight = node.input[1] if len(node.input) > 1 else ""
+            if producer.get(weight) == "DequantizeLinear":
+                quantized[node.op_type] += 1
+            elif weight in initializers or producer.get(weight) == "Constant":
+                left.append(node.name)
+    if not quantized:
+        raise RuntimeError(f"quantize_static quantized nothing in {src.name} (op types {op_types}, present "
+                           f"{dict(present)}): quant={mode} would be the fp32 graph")
+    optimized = work / "ort_extended.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
+    fused = collections.Counter(node.op_type for node in onnx.load(str(optimized)).graph.node
+                                if node.op_type.startswith("QLinear") or node.op_type in QDQ_OPS)
+    optimized.unlink()
+    return {**info, "qdq_nodes": {k: counts.get(k, 0) for k in QDQ_OPS},
+            "quantized_ops": dict(sorted(quantized.items())), "int8_nodes": sum(quantized.values()),
+            "fp32_target_nodes": left, "ort_fused_ops": dict(sorted(fused.items()))}
+
+
 def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inputs: list[TensorSpec],
                outputs: list[TensorSpec], path: Path, mode: str, work_dir: Path | None = None,
                **options: Any) -> tuple[Path, dict[str, Any]]:
@@ -121,7 +267,9 @@ def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inpu
     tensors, whose batch axis is dynamic. Native modes transform the exported fp32 graph (``fp16`` /
     ``fp16_selective``: ``convert_onnx_fp16``; ``int8_dynamic`` / ``int8_dynamic_lstm``:
     ``quantize_dynamic`` with int8 weights on ``dynamic_op_types``, default the mode's
-    ``OnnxQuant.dynamic_op_types``). Faithful modes build the Core ML package of ``mode`` under
+    ``OnnxQuant.dynamic_op_types``; ``w8a8``: ``quantize_static`` of the mode's ``static_op_types``,
+    options ``calibration`` / ``static``, defaults ``quant.W8A8_CALIBRATION`` / ``quant.W8A8_STATIC``,
+    see ``_quantize_static``). Faithful modes build the Core ML package of ``mode`` under
     ``work_dir`` (options ``coreml_<option>`` go to ``quant_coreml.build_coreml``) and carry its
     dequantized weights (``quant_faithful.build_faithful``). Defaults: ``quant.ONNX_OPTIONS``.
 
@@ -132,14 +280,17 @@ def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inpu
 
     Raises:
         ValueError: an unknown mode. TypeError: an unknown option.
-        BackendUnavailable: the mode has no ONNX realization (w8a8), before any work.
-        RuntimeError: a dynamic mode quantized nothing (int8_dynamic_lstm: in a graph that has an LSTM); a faithful graph lacks a Core ML weight; no
-            optimization level works.
+        BackendUnavailable: the mode has no ONNX realization, before any work.
+        ValueError: w8a8 on a model whose inputs are not waveforms (+ masks).
+        RuntimeError: a dynamic or static mode quantized nothing (int8_dynamic_lstm, w8a8: in a graph
+            that has a target node); a faithful graph lacks a Core ML weight; no optimization level works.
     """
     from diaropt.backends import onnxruntime as ort_backend
 
     spec = onnx_quant(mode)
     options = with_defaults(options, ONNX_OPTIONS, "build_onnx")
+    options["calibration"] = with_defaults(options["calibration"], W8A8_CALIBRATION, "build_onnx calibration")
+    options["static"] = with_defaults(options["static"], W8A8_STATIC, "build_onnx static")
     path = Path(path)
     work_dir = Path(work_dir) if work_dir is not None else path.parent
     work = work_dir / f"{path.stem}_{mode}_work"
@@ -158,6 +309,10 @@ def build_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], inpu
             info["folded_constants"] = fold_computed_constants(fp32, zero_feeds(inputs, example_inputs))
             keep = options["keep_fp32_ops"] if mode == "fp16_selective" else ()
             info["fp16_conversion"] = convert_onnx_fp16(fp32, path, keep)
+        elif spec.static_op_types:  # w8a8
+            op_types = options["static"].get("op_types") or spec.static_op_types
+            info.update(_quantize_static(fp32, path, mode, inputs, op_types, options["calibration"],
+                                         options["static"], work, spec.fp32_without_targets))
         elif spec.dynamic_op_types:  # int8_dynamic, int8_dynamic_lstm
             op_types = options["dynamic_op_types"] or spec.dynamic_op_types
             info.update(_quantize_dynamic(fp32, path, mode, op_types, options["dynamic_per_channel"],
