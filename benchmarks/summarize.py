@@ -34,7 +34,7 @@ def _load(results_dir: Path, name: str) -> dict[str, Any] | None:
 def _provenance(result: dict[str, Any]) -> str:
     load = result.get("load_average_start", {})
     host = result.get("host", {})
-    cpu = (f" of a {host['host.cpu_model']} ({host.get('host.cpu_simd', 'SIMD flags not recorded')})"
+    cpu = (f" ({host['host.cpu_model']}; SIMD: {host.get('host.cpu_simd', 'not recorded')})"
            if host.get("host.cpu_model") else "")
     return (f"commit `{str(result.get('commit', '?'))[:12]}`, {result.get('date', '?')}, load average at start "
             f"{load.get('load_1min', float('nan')):.1f} (1 min) on {result.get('cpu_count_usable', '?')} cores{cpu}")
