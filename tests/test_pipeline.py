@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -109,6 +111,24 @@ def test_diarize_cli_writes_rttms_and_reports_timings(tmp_path, assets):
     rttm = (tmp_path / "out" / "short.rttm").read_text().splitlines()
     assert rttm and all(line.startswith("SPEAKER short 1 ") for line in rttm)
     assert '"time_embedding_s"' in result.stdout and '"rtfx"' in result.stdout
+    summary = json.loads(result.stdout)  # says which models produced the RTTM
+    assert summary["quant"] == "fp32" and {"segmentation", "embedding"} <= set(summary["models"])
+    assert all(len(model["content_key"]) == 24 for model in summary["models"].values())
+
+
+def test_diarize_cli_files_bar_honours_tqdm_disable(tmp_path, assets):
+    """The README's switches turn the ``files`` bar off too (tqdm ignores TQDM_DISABLE for an explicit
+    ``disable=``): with a terminal-less stderr nothing of the bar may appear."""
+    audio = tmp_path / "short.wav"
+    samples, rate = sf.read(assets["ami"] / "dev00.wav", dtype="float32")
+    sf.write(audio, samples[: 12 * rate], rate)
+    for variable, value in (("TQDM_DISABLE", "1"), ("DIAROPT_PROGRESS", "0")):
+        env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "DIAROPT_PROGRESS")}
+        env[variable] = value
+        result = subprocess.run([sys.executable, "-m", "diaropt", "diarize", str(audio), "--out", str(tmp_path / "o"),
+                                 "segmentation.step_s=2.5"], capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "files:" not in result.stderr and "it/s" not in result.stderr, (variable, result.stderr[-500:])
 
 
 def test_diarize_cli_rejects_bad_overrides(tmp_path):

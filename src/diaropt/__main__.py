@@ -108,7 +108,10 @@ def diarize(argv: list[str]) -> int:
     written: list[str] = []
     from tqdm.auto import tqdm
 
-    for path, uri in tqdm(jobs, desc="files", unit="file", disable=args.no_progress):
+    from diaropt.progress import enabled as progress_enabled
+
+    # tqdm reads TQDM_DISABLE only for arguments not given: decide here, as every other bar does
+    for path, uri in tqdm(jobs, desc="files", unit="file", disable=args.no_progress or not progress_enabled()):
         try:
             output = pipeline(path, uri, timer=timer)
             write_rttm(output.annotation, args.out / f"{uri}.rttm", uri=uri)  # atomic: no partial RTTM
@@ -119,7 +122,8 @@ def diarize(argv: list[str]) -> int:
         audio_duration_s += output.audio_duration_s
         written.append(str(args.out / f"{uri}.rttm"))
     progress.close()
-    summary = {"backend": built.backend, "files": len(written), "failed": len(failed),
+    summary = {"backend": built.backend, "quant": str(getattr(cfg.quant.mode, "value", cfg.quant.mode)),
+               "models": _models_summary(built), "files": len(written), "failed": len(failed),
                **{k: round(v, 4) for k, v in timer.metrics(audio_duration_s).items()},
                "written": written, "failed_files": failed}
     print(json.dumps(summary, indent=1))
@@ -127,6 +131,15 @@ def diarize(argv: list[str]) -> int:
     print(f"{len(written)} RTTM file(s) written to {args.out.resolve()}"
           + (f"; {len(failed)} file(s) failed (see the errors above)" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
+
+
+def _models_summary(built) -> dict[str, dict]:
+    """What ran, per model kind: its model-cache key, its quant mode, how this backend realizes it (e.g.
+    ONNX Runtime's own static int8 vs the Core ML package's weights) and, for int8 modes, how many nodes
+    are int8 or why the graph was left fp32: the JSON summary says which models produced the RTTM."""
+    keys = ("content_key", "quant", "onnx_quant", "int8_nodes", "kept_fp32", "calibration_windows")
+    return {model.kind: {k: model.info[k] for k in keys if model.info.get(k) is not None}
+            for model in built.models()}
 
 
 def ui(argv: list[str]) -> int:
