@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -290,16 +291,26 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", action="append", required=True)
-    parser.add_argument("--override", action="append", default=[], help="applied to every dataset")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dataset", action="append", required=True,
+                        help="a dataset config name (conf/dataset/), repeatable: dev, test, ami_mini, sample, ...")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a configuration override (key=value) applied to every dataset, repeatable")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the JSON results file (e.g. results.json); the tables go beside it as .md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     base = ["cache_arrays=true", "parity.enabled=false", *args.override]
     report: dict[str, Any] = {"base": base, "datasets": {}}
+    configs = {}
+    for dataset_name in args.dataset:  # every name and override checked before any work
+        try:
+            configs[dataset_name] = compose([f"dataset={dataset_name}", *base])
+        except Exception as error:  # noqa: BLE001 - Hydra / OmegaConf / validation: one line, exit 2
+            print(f"error: --dataset {dataset_name} {' '.join(args.override)}: {type(error).__name__}: "
+                  f"{str(error).splitlines()[0]}", file=sys.stderr)
+            return 2
     pipeline = None
-    for dataset_name in args.dataset:
-        cfg = compose([f"dataset={dataset_name}", *base])
+    for dataset_name, cfg in configs.items():
         if pipeline is None:
             pipeline = load_pipeline(cfg, build_models(cfg), StageTimer())
         rows = [analyse_file(pipeline, item, cfg.dataset.max_duration_s) for item in dataset_from_config(cfg)]

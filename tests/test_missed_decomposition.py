@@ -73,3 +73,12 @@ def test_separation_of_orthogonal_speakers(md: ModuleType) -> None:
     assert out["between_cosine_max"] == pytest.approx(0.0)
     assert out["within_cosine_mean"] == pytest.approx(1.0)
     assert np.isnan(md.separation(embeddings, np.where(hard == 0, 0, -2))["between_cosine_max"])
+
+
+def test_a_bad_dataset_name_is_refused_before_any_work(md: ModuleType, tmp_path, capsys) -> None:
+    """Every ``--dataset`` (and override) is composed first: a typo in the last name costs nothing computed
+    and writes nothing; one line names it."""
+    out = tmp_path / "md.json"
+    assert md.main(["--dataset", "sample", "--dataset", "nosuch", "--out", str(out)]) == 2
+    assert "--dataset nosuch" in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".md").exists()
