@@ -60,6 +60,10 @@ class Store:
                 metrics.update({f"time_{k}_s": v for k, v in stages.items()}, time_total_s=total,
                                time_total_s_min=0.9 * total, time_total_s_max=1.1 * total, rtfx=spec["rtfx"],
                                rtfx_min=0.9 * spec["rtfx"], rtfx_max=1.1 * spec["rtfx"], repeats=3.0)
+                if spec.get("repeats") == 1:  # one timed pass: no spread measured
+                    for key in ("time_total_s_min", "time_total_s_max", "rtfx_min", "rtfx_max"):
+                        metrics.pop(key)
+                    metrics["repeats"] = 1.0
             if spec.get("parity") is not None:
                 ok, flag = spec["parity"]
                 metrics.update(parity_ok=ok, parity_emb_cos_min=0.99 if ok else 0.9, parity_emb_cos_mean=0.995,
@@ -115,6 +119,19 @@ def select(store: Store, parent: str, tolerance: float = 0.005, allow_unchecked:
 # ----------------------------------------------------------------------------------------------
 # Selection rule
 # ----------------------------------------------------------------------------------------------
+
+
+def test_a_recommendation_without_measured_spread_carries_a_caution(store):
+    """repeats=1: no spread, so a small RTFx lead is not checked against noise; the report says so beside the
+    recommendation (found when a one-file sweep recommended w8a8 at 1.03x)."""
+    parent, ids = store.sweep([
+        {"name": "base", "overrides": ["quant=fp32"], "der": 0.07, "rtfx": 29.3, "parity": OK, "repeats": 1},
+        {"name": "w8a8", "overrides": ["quant=w8a8"], "der": 0.07, "rtfx": 30.2, "parity": OK, "repeats": 1},
+    ], "one_pass")
+    sweep, selection = select(store, parent)
+    assert selection.recommended_run_id == ids["w8a8"]
+    text = " ".join(str(content) for _, content in report.render.recommendation_section(sweep, selection).blocks)
+    assert "**Caution:** no spread over repeats was measured" in text and "repeats=1" in text
 
 
 def test_selection_rule_on_a_mixed_sweep(store, mixed):
