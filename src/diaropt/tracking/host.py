@@ -113,18 +113,26 @@ SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "av
               "asimd", "asimddp", "bf16", "i8mm", "sve", "sve2")
 
 
-def cpu_simd_flags() -> str:
-    """The :data:`SIMD_FLAGS` this CPU reports in ``/proc/cpuinfo``, space-separated ("unknown" without
-    procfs, e.g. macOS, where ``host.cpu_model`` names the chip)."""
+def cpu_flags() -> set[str] | None:
+    """The feature flags of the first CPU in ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); None
+    without procfs (e.g. macOS)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() in ("flags", "Features"):
-                present = set(value.split())
-                return " ".join(flag for flag in SIMD_FLAGS if flag in present) or "none"
+                return set(value.split())
     except OSError:
         pass
-    return "unknown"
+    return None
+
+
+def cpu_simd_flags() -> str:
+    """The :data:`SIMD_FLAGS` this CPU reports in ``/proc/cpuinfo``, space-separated ("unknown" without
+    procfs, e.g. macOS, where ``host.cpu_model`` names the chip)."""
+    present = cpu_flags()
+    if present is None:
+        return "unknown"
+    return " ".join(flag for flag in SIMD_FLAGS if flag in present) or "none"
 
 
 def _memory_total_bytes() -> str:
