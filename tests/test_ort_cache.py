@@ -64,3 +64,14 @@ def test_no_cache_where_the_folder_is_read_only(model_path):
         assert OnnxRuntimeModel(model_path).optimized_graph == "online"
     finally:
         os.chmod(model_path.parent, 0o755)
+
+
+@pytest.mark.parametrize("cache_optimized", [True, False])
+def test_force_spinning_stop_reaches_the_session_and_changes_no_output(model_path, cache_optimized):
+    """``backend.ort_force_spinning_stop`` (on by default) is ONNX Runtime's ``session.force_spinning_stop``
+    on the session actually run, on both load paths (cached optimized graph, online optimization)."""
+    plain = OnnxRuntimeModel(model_path, cache_optimized=cache_optimized)
+    stopping = OnnxRuntimeModel(model_path, cache_optimized=cache_optimized, force_spinning_stop=True)
+    entry = "session.force_spinning_stop"
+    assert stopping.session.get_session_options().get_session_config_entry(entry) == "1"
+    np.testing.assert_array_equal(_run(plain), _run(stopping))

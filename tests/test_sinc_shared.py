@@ -149,6 +149,9 @@ def test_onnxruntime_split_equals_the_per_chunk_model(references, ort_models):
     assert built.segmentation.info["content_key"] != ort_models[False].segmentation.info["content_key"]
     split, per_chunk = built.segmentation.load(), ort_models[False].segmentation.load()
     assert isinstance(split, SharedSinc) and split.inputs[0].shape[1:] == (1, S)
+    # the default backend.ort_force_spinning_stop reaches both sessions (without it they spin against each other)
+    for model in (split.front, split.rest):
+        assert model.session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
     for name, (audio, starts, ref32, ref64) in references.items():
         got = segment_outputs(split, audio, starts, S, batch_size=8)["logprobs"]
         ort32 = segment_outputs(per_chunk, audio, starts, S, batch_size=8)["logprobs"]
@@ -208,6 +211,24 @@ def test_refused_with_fused_segmentation_before_any_work(overrides, tmp_path):
     with pytest.raises(BackendUnavailable, match="segmentation.sinc_shared"):
         build_models(cfg)
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+@pytest.mark.parametrize("overrides, backend, expected", [
+    ([], "onnxruntime", True),  # auto: the ONNX Runtime default
+    ([], "coreml", False), ([], "torch", False),  # auto elsewhere: not measured there
+    (["fusion.segmentation_with_preprocessor=true"], "onnxruntime", False),  # auto never asks the impossible
+    (["fusion=on", "embedding.tiled_trunk=false"], "onnxruntime", False),
+    (["segmentation.sinc_shared=false"], "onnxruntime", False),
+    (["segmentation.sinc_shared=true"], "coreml", True),  # explicit values are kept
+    (["experiment=seed_baseline"], "onnxruntime", False),  # the design note's pipeline: whole model per chunk
+])
+def test_auto_resolution(overrides, backend, expected):
+    from diaropt.config import compose
+    from diaropt.variants.fusion_plan import FusionPlan
+
+    plan = FusionPlan.from_config(compose(overrides), backend)
+    assert plan.sinc_shared is expected
+    plan.check()
 
 
 def test_parity_reference_is_the_per_chunk_model():

@@ -110,6 +110,11 @@ class BackendConfig:
     overlap_stages: bool = False
     # ONNX Runtime's session.intra_op.allow_spinning: None keeps its default (spinning on)
     ort_allow_spinning: Optional[bool] = None
+    # ONNX Runtime's session.force_spinning_stop: a session's intra-op threads stop spinning when its
+    # run returns, so they do not hold the cores the next model needs (every session has its own
+    # pool; the pipeline alternates models every batch). Outputs identical; speed:
+    # benchmarks/results/issue19_phase5/
+    ort_force_spinning_stop: bool = True
     # keep each model's optimized graph beside it (keyed by ONNX Runtime version + CPU flags) and load
     # it with optimizations off: the same graph, ~2x faster session creation (issue 19)
     ort_cache_optimized: bool = True
@@ -159,9 +164,12 @@ class SegmentationConfig:
     # the model split after its first max-pool: the sinc convolution (~25 % of its FLOPs) and that pool
     # run once per ~1 s row of the recording, shared by the overlapping chunks (each chunk's input
     # normalization applied after it: exact up to float32 rounding; pipeline.segmentation.SharedSinc).
-    # Not faster end to end on the idle 2-core VM (benchmarks/results/issue19_phase3/). Not with
-    # fusion.segmentation_with_preprocessor / coreml_pipeline
-    sinc_shared: bool = False
+    # Not with fusion.segmentation_with_preprocessor / coreml_pipeline. null (auto): on for ONNX
+    # Runtime unless one of those is on, off for Core ML and torch (not measured there); resolved in
+    # variants.fusion_plan.resolve_sinc_shared, realized value logged as metric fusion_sinc_shared.
+    # Chosen for ONNX Runtime on the dev files with ort_force_spinning_stop (without it the two
+    # models' thread pools spun against each other: 0.90x): benchmarks/results/issue19_phase5/
+    sinc_shared: Optional[bool] = None
 
 
 @dataclass

@@ -106,11 +106,16 @@ class OnnxRuntimeModel:
     ``num_threads`` fixes intra-op threads (0: ONNX Runtime's default), since thread count is part of
     every measurement. ``allow_spinning``: ``session.intra_op.allow_spinning`` (None: ONNX Runtime's
     default, on; spinning threads cost time when other processes hold the cores).
+    ``force_spinning_stop``: ``session.force_spinning_stop``, the session's threads stop spinning as
+    soon as its ``run`` returns (they still spin within a run). Each session has its own intra-op
+    pool, so without it the pool of the model that just ran keeps spinning on the cores the next
+    model needs (segmentation front/rest, trunk/pooling alternate every batch).
     """
 
     def __init__(self, path: Path, compute_unit: str = "cpu_only", num_threads: int = 0,
                  optimization_level: str = "all", memory_arena: bool = True,
-                 allow_spinning: bool | None = None, cache_optimized: bool = True) -> None:
+                 allow_spinning: bool | None = None, cache_optimized: bool = True,
+                 force_spinning_stop: bool = False) -> None:
         self.path = Path(path)
         providers = providers_for(compute_unit)
 
@@ -121,6 +126,8 @@ class OnnxRuntimeModel:
             options.inter_op_num_threads = 1
             if allow_spinning is not None:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+            if force_spinning_stop:
+                options.add_session_config_entry("session.force_spinning_stop", "1")
             return options
 
         cached = (optimized_graph_path(self.path, optimization_level)

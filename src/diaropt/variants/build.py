@@ -270,7 +270,7 @@ def build_models(cfg: DictConfig, cache_dir: Path | None = None) -> BuiltModels:
 
     backend = resolve_backend(_value(cfg.backend.name))
     compute_unit = resolve_compute_unit(_value(cfg.compute_unit.name), backend)
-    plan = fusion.FusionPlan.from_config(cfg)
+    plan = fusion.FusionPlan.from_config(cfg, backend)
     plan.check()
     for kind in ("segmentation", "embedding"):  # before any work: a mode the backend or host cannot build
         refuse_unbuildable(quant_mode_for(cfg, kind), backend)
@@ -452,10 +452,12 @@ def _onnx_model(kind, make_module, inputs, outputs, mode, compute_unit, cfg, cac
     arena = cfg.backend.ort_memory_arena
     spinning = cfg.backend.get("ort_allow_spinning", None)
     keep_optimized = bool(cfg.backend.get("ort_cache_optimized", True))
+    spin_stop = bool(cfg.backend.get("ort_force_spinning_stop", True))
     return BuiltModel(kind, "onnxruntime", path, info,
                       lambda: ort_backend.OnnxRuntimeModel(path, compute_unit, threads, info.get("ort_level", level),
                                                            arena, allow_spinning=spinning,
-                                                           cache_optimized=keep_optimized))
+                                                           cache_optimized=keep_optimized,
+                                                           force_spinning_stop=spin_stop))
 
 
 def _coreml_model(kind, make_module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant,

@@ -41,13 +41,13 @@ class FusionPlan:
     sinc_shared: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Any) -> FusionPlan:
+    def from_config(cls, cfg: Any, backend: str) -> FusionPlan:
+        """The plan of ``cfg`` for the resolved ``backend`` (``variants.build.resolve_backend``)."""
         f = cfg.fusion
         return cls(bool(f.clean_frames_in_graph), bool(f.segmentation_with_preprocessor),
                    bool(f.embedding_with_post), bool(f.coreml_pipeline), bool(f.fbank_in_embedding_model),
                    bool(cfg.embedding.shared_trunk), int(cfg.embedding.min_num_clean_frames),
-                   tiled_trunk=bool(cfg.embedding.tiled_trunk),
-                   sinc_shared=bool(cfg.segmentation.get("sinc_shared", False)))
+                   tiled_trunk=bool(cfg.embedding.tiled_trunk), sinc_shared=resolve_sinc_shared(cfg, backend))
 
     @property
     def per_chunk_embedding(self) -> bool:
@@ -84,6 +84,18 @@ class FusionPlan:
             raise BackendUnavailable("segmentation.sinc_shared assembles each chunk's sinc responses in numpy between "
                                      "two models, so it cannot run inside fusion.coreml_pipeline's chain nor with "
                                      "fusion.segmentation_with_preprocessor: set those to false")
+
+
+def resolve_sinc_shared(cfg: Any, backend: str) -> bool:
+    """``segmentation.sinc_shared``; null (auto) -> on for ``onnxruntime`` unless
+    ``fusion.segmentation_with_preprocessor`` or ``fusion.coreml_pipeline`` is on (they cannot
+    express it), off for the other backends: it was chosen on ONNX Runtime's measurements
+    (``config.SegmentationConfig``). An explicit true/false is kept (``FusionPlan.check`` refuses an
+    impossible true)."""
+    value = cfg.segmentation.get("sinc_shared", None)
+    if value is not None:
+        return bool(value)
+    return backend == "onnxruntime" and not (cfg.fusion.segmentation_with_preprocessor or cfg.fusion.coreml_pipeline)
 
 
 # ----------------------------------------------------------------------------------------------
