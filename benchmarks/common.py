@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diaropt.backends.base import usable_cpu_count
 from diaropt.config import REPO_ROOT
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -57,7 +58,7 @@ def environment() -> dict[str, Any]:
 
     return {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "machine": platform.platform(), "host": host_tags(REPO_ROOT), "torch_threads": torch.get_num_threads(),
-            "cpu_count_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu_count_usable": usable_cpu_count(),
             "load_average_start": load_average()}
 
 

@@ -125,6 +125,8 @@ def diaropt_system(name: str, overrides: list[str], source: str) -> System:
             "segmentation_batch_size": cfg.segmentation.batch_size,
             "overlap_stages": bool(cfg.backend.get("overlap_stages", False)),
             "ort_allow_spinning": cfg.backend.get("ort_allow_spinning", None),
+            "ort_force_spinning_stop": bool(cfg.backend.get("ort_force_spinning_stop", False)),
+            "sinc_shared": bool(loaded.built.fusion.get("sinc_shared", 0)),  # as realized (auto resolved)
             "ort_cache_optimized": bool(cfg.backend.get("ort_cache_optimized", False)),
             "build_s": loaded.build_s, "load_s": loaded.compile_timer.seconds.get("compile", 0.0),
             "warmup_s": loaded.compile_timer.seconds.get("warmup", 0.0)}
@@ -314,13 +316,27 @@ def main() -> int:
     from long_form import report_preset
 
     from diaropt.assets import default_cache_dir
+    from diaropt.data.annotations import DataError
+
+    if not args.no_peer and args.senko_fbank == "native":  # refuse before minutes of loading, not after
+        import senko_runner
+
+        runs, why = senko_runner.native_fbank_status()
+        if not runs:
+            print(f"error: --senko-fbank native: senko's native fbank library cannot run here: {why} "
+                  "(use --senko-fbank auto to substitute kaldi-native-fbank, recorded in the results)", file=sys.stderr)
+            return 2
 
     results: dict[str, Any] = {"benchmark": "peer", **environment(), "notes": list(args.note),
                                "repeats": args.repeats, "cold_repeats": args.cold_repeats}
     print(f"load average at start: {results['load_average_start']}", flush=True)
     wav_root = Path(default_cache_dir()) / "datasets" / "peer_wav16"
     sets = [args.dataset] + ([] if args.no_ami or args.dataset == "ami_mini" else ["ami_mini"])
-    file_sets = {name: load_file_set(name, args.max_files, wav_root) for name in sets}
+    try:
+        file_sets = {name: load_file_set(name, args.max_files, wav_root) for name in sets}
+    except DataError as error:  # e.g. the LibriSpeech source of the synthetic conversations is missing
+        print(f"error: dataset {args.dataset!r}: {error}", file=sys.stderr)
+        return 2
     results["file_sets"] = {n: {"num_files": len(s.wavs), "duration_s": s.duration_s, "wav_folder": str(wav_root / n),
                                 "uris": list(s.wavs)} for n, s in file_sets.items()}
     results["input_audio"] = ("every system reads the same 16 kHz mono 16-bit PCM WAV copies (senko's only input "

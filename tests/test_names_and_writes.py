@@ -74,7 +74,8 @@ def test_diarize_refuses_colliding_outputs_before_any_work(tmp_path: Path, monke
 
 @pytest.mark.parametrize(("override", "reason"), [
     ("embedding=wespeaker_resnet34", "CheckpointError: embedding model 'wespeaker_resnet34' has no pinned weights"),
-    ("backend=coreml quant=w8a8", "quant=w8a8 cannot be built on this host"),  # refused before any work (builder)
+    # refused before any work (builder), the error said once, with the backend that builds it here
+    ("backend=coreml quant=w8a8", "quant=w8a8 with Core ML needs macOS: w8a8 calibrates activation ranges"),
 ])
 def test_an_unbuildable_configuration_ends_diarize_with_one_line_and_exit_3(tmp_path: Path, assets, override: str,
                                                                             reason: str) -> None:
@@ -86,6 +87,9 @@ def test_an_unbuildable_configuration_ends_diarize_with_one_line_and_exit_3(tmp_
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot be built" in errors[0] and reason in errors[0], result.stderr[-2000:]
+    assert errors[0].count("cannot be built") == 1  # said once, not repeated by the builder's reason
+    if "w8a8" in override:  # and where it does build
+        assert errors[0].endswith("ONNX Runtime has its own w8a8, which builds here: backend=onnxruntime")
 
 
 def test_nfd_file_names_match_nfc_uris_and_differing_names_are_told_apart(tmp_path: Path, assets) -> None:

@@ -207,3 +207,14 @@ def test_the_real_trunk_in_w8a8_stays_close_to_fp32_on_held_out_audio(tmp_path, 
     out = OnnxRuntimeModel(trunk.path)(waveforms=x)["frame_features"]
     error = np.linalg.norm(out - reference) / np.linalg.norm(reference)
     assert 0 < error < MAX_REL_ERROR, error
+
+
+def test_realization_tells_the_engines_apart():
+    """``quant.realized`` (a logged param): a runs table shows which engine's w8a8 ran, or why none."""
+    from diaropt.variants.quant import realization
+
+    ort, coreml, torch_ = (realization("w8a8", b) for b in ("onnxruntime", "coreml", "torch"))
+    assert ort.startswith("onnxruntime: onnxruntime quantize_static (QDQ)") and "calibrated" in ort
+    assert coreml.startswith("coreml: ") and "activations" in coreml and coreml != ort
+    assert torch_ == "torch: none (torch runs fp32 only)"
+    assert realization("int8_dynamic_lstm", "coreml").startswith("coreml: none (quant=int8_dynamic_lstm has no Core ML")

@@ -141,6 +141,7 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
                                   fallback_meta, host_tags, install_sigterm_handler, job_overrides, new_fallback_folder,
                                   resolve_tracking_uri, start_fallback_run, start_file_run)
     from diaropt.variants.build import _value, resolve_backend, resolve_compute_unit
+    from diaropt.variants.quant import realization
 
     validate(cfg)
     context = context or _hydra_context()
@@ -199,7 +200,8 @@ def run_job(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str,
         with run:
             run.log_config(cfg)
             run.log_params({"backend.resolved": backend, "compute_unit.resolved":
-                            resolve_compute_unit(_value(cfg.compute_unit.name), backend)})
+                            resolve_compute_unit(_value(cfg.compute_unit.name), backend),
+                            "quant.realized": realization(_value(cfg.quant.mode), backend)})
             try:
                 metrics = _run_logged(cfg, run, output_dir, backend)
             except BackendUnavailable as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,3 +44,11 @@ class RunnableModel(Protocol):
 
 def is_macos() -> bool:
     return platform.system() == "Darwin"
+
+
+def usable_cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from diaropt.backends.base import usable_cpu_count
 from diaropt.keys import TAG_HOST, TAG_PID, TAG_PID_START
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -157,10 +158,7 @@ def _version(package: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _static_host_tags() -> dict[str, str]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
+    usable = usable_cpu_count()
     tags = {
         "host.hostname": hostname(),
         "host.os": f"{platform.system()} {platform.release()}",

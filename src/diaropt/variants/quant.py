@@ -238,6 +238,19 @@ def onnx_quant(mode: str) -> OnnxQuant:
     return ONNX_QUANT[mode]
 
 
+def realization(mode: str, backend: str) -> str:
+    """One line saying how ``mode`` is realized on the resolved ``backend`` (logged as the
+    ``quant.realized`` param, so a runs table tells ONNX Runtime's w8a8 from Core ML's), or why it is not."""
+    try:
+        if backend == "coreml":
+            return f"coreml: {coreml_quant(mode).description}"
+        if backend == "onnxruntime":
+            return f"onnxruntime: {onnx_quant(mode).description}"
+    except (ValueError, BackendUnavailable) as error:
+        return f"{backend}: none ({getattr(error, 'reason', error)})"
+    return f"{backend}: fp32 weights and compute" if mode == "fp32" else f"{backend}: none (torch runs fp32 only)"
+
+
 def refuse_unbuildable(mode: str, backend: str | None = None) -> None:
     """Raises ``BackendUnavailable`` before any work for a quant mode this host cannot build: Core ML's
     w8a8 calibrates activations with Core ML predictions (macOS only; ONNX Runtime's w8a8 is its own
@@ -252,7 +265,9 @@ def refuse_unbuildable(mode: str, backend: str | None = None) -> None:
     spec = COREML_QUANT.get(mode)
     if (spec is not None and spec.needs_macos and not is_macos()
             and (backend in (None, "coreml") or mode not in ONNX_QUANT)):  # w8a8 has an ONNX Runtime mode
-        raise BackendUnavailable(f"quant={mode} cannot be built on this host: {spec.needs_macos}")
+        other = (f"; ONNX Runtime has its own {mode}, which builds here: backend=onnxruntime"
+                 if mode in ONNX_QUANT else "")
+        raise BackendUnavailable(f"quant={mode} with Core ML needs macOS: {spec.needs_macos}{other}")
     if backend == "coreml":
         coreml_quant(mode)
     elif backend == "onnxruntime":
