@@ -120,11 +120,6 @@ class BackendConfig:
     # pool; the pipeline alternates models every batch). Outputs identical; speed:
     # benchmarks/results/issue19_phase5/
     ort_force_spinning_stop: bool = True
-    # how a session uses the cores. intra_op: ONNX Runtime's intra-op pool of num_threads threads (0:
-    # all cores) splits each op. rows: each call's batch rows are split over num_threads (0: the
-    # usable cores) threads, each running the session with 1 intra-op thread (identical outputs;
-    # backends.onnxruntime.OnnxRuntimeModel). Ignored with overlap_stages (1 thread per session).
-    ort_parallelism: str = bounded("intra_op", choices=("intra_op", "rows"))
     # keep each model's optimized graph beside it (keyed by ONNX Runtime version + CPU flags) and load
     # it with optimizations off: the same graph, ~2x faster session creation (issue 19)
     ort_cache_optimized: bool = True

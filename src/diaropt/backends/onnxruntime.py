@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,16 +100,6 @@ def providers_for(compute_unit: str) -> list:
         f"or, for cpu_and_gpu, CUDA; this host offers {available}")
 
 
-_row_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def _row_pool(workers: int) -> ThreadPoolExecutor:
-    """One pool per worker count for the whole process (models run one after the other)."""
-    if workers not in _row_pools:
-        _row_pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diaropt-rows")
-    return _row_pools[workers]
-
-
 class OnnxRuntimeModel:
     """An ``InferenceSession`` with named numpy inputs/outputs.
 
@@ -121,22 +110,14 @@ class OnnxRuntimeModel:
     soon as its ``run`` returns (they still spin within a run). Each session has its own intra-op
     pool, so without it the pool of the model that just ran keeps spinning on the cores the next
     model needs (segmentation front/rest, trunk/pooling alternate every batch).
-    ``row_workers`` > 1 (``backend.ort_parallelism=rows``): the session gets 1 intra-op thread and
-    each call's batch is split into up to ``row_workers`` contiguous parts run at the same time from
-    as many threads (ONNX Runtime's ``run`` is thread-safe and releases the GIL). Every model here
-    computes each batch row independently, so the outputs are the same rows; on 2 cores this keeps
-    both busy without the intra-op pool's per-op synchronisation (issue19_phase5/README.md).
     """
 
     def __init__(self, path: Path, compute_unit: str = "cpu_only", num_threads: int = 0,
                  optimization_level: str = "all", memory_arena: bool = True,
                  allow_spinning: bool | None = None, cache_optimized: bool = True,
-                 force_spinning_stop: bool = False, row_workers: int = 1) -> None:
+                 force_spinning_stop: bool = False) -> None:
         self.path = Path(path)
         providers = providers_for(compute_unit)
-        self.row_workers = max(1, int(row_workers))
-        if self.row_workers > 1:
-            num_threads = 1
 
         def session_options() -> ort.SessionOptions:
             options = ort.SessionOptions()
@@ -174,15 +155,7 @@ class OnnxRuntimeModel:
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {spec.name: np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype) for spec in self.inputs}
-        rows = {value.shape[0] if value.ndim else 0 for value in feeds.values()}
-        num_rows = rows.pop() if len(rows) == 1 else 0  # split only when every input is batch-first alike
-        if self.row_workers > 1 and num_rows > 1:
-            bounds = np.linspace(0, num_rows, min(self.row_workers, num_rows) + 1).astype(int)
-            parts = [{name: value[a:b] for name, value in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:])]
-            results = list(_row_pool(self.row_workers).map(lambda part: self.session.run(None, part), parts))
-            values = [np.concatenate([result[i] for result in results]) for i in range(len(self.outputs))]
-        else:
-            values = self.session.run(None, feeds)
+        values = self.session.run(None, feeds)
         return {spec.name: value for spec, value in zip(self.outputs, values)}
 
     def sync(self) -> None:

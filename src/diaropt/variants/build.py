@@ -30,7 +30,7 @@ from filelock import FileLock
 from omegaconf import DictConfig
 
 from diaropt import progress
-from diaropt.backends.base import BackendUnavailable, RunnableModel, TensorSpec, is_macos, usable_cpu_count
+from diaropt.backends.base import BackendUnavailable, RunnableModel, TensorSpec, is_macos
 from diaropt.variants import fusion_plan as fusion  # torch-free: torch loads only when a model is built
 from diaropt.variants.quant import refuse_unbuildable, w8a8_onnx_key  # torch-free too
 
@@ -453,13 +453,11 @@ def _onnx_model(kind, make_module, inputs, outputs, mode, compute_unit, cfg, cac
     spinning = cfg.backend.get("ort_allow_spinning", None)
     keep_optimized = bool(cfg.backend.get("ort_cache_optimized", True))
     spin_stop = bool(cfg.backend.get("ort_force_spinning_stop", True))
-    rows = (cfg.backend.get("ort_parallelism", "intra_op") == "rows" and not cfg.backend.get("overlap_stages", False))
-    row_workers = (cfg.backend.num_threads or usable_cpu_count()) if rows else 1
     return BuiltModel(kind, "onnxruntime", path, info,
                       lambda: ort_backend.OnnxRuntimeModel(path, compute_unit, threads, info.get("ort_level", level),
                                                            arena, allow_spinning=spinning,
                                                            cache_optimized=keep_optimized,
-                                                           force_spinning_stop=spin_stop, row_workers=row_workers))
+                                                           force_spinning_stop=spin_stop))
 
 
 def _coreml_model(kind, make_module, inputs, outputs, mode, compute_unit, cfg, cache_root, variant,
