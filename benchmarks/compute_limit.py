@@ -11,7 +11,8 @@
    stage's count follows what it runs (per pair, once per chunk with ``embedding.shared_trunk``, per
    tile with ``embedding.tiled_trunk``, anchors only with ``embedding.anchor_every``); segmentation
    is chunks x the per-chunk count. The configured backend then diarizes it, and its measured stage
-   times give achieved FLOP/s = stage FLOPs / stage time.
+   times give achieved FLOP/s = stage FLOPs / stage time. With ``segmentation.sinc_shared`` the
+   sinc convolution's FLOPs are counted per front row the run computed, not per chunk.
 3. Attainable fp32 matmul throughput measured in the same run: ``torch.mm`` and an ONNX Runtime
    ``MatMul`` graph, square sizes 256-2048, best of N, default thread counts.
 Writes ``benchmarks/results/compute_limit.json`` and one MLflow run.
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from common import RESULTS_DIR, environment, finish, flat_metrics, load_configuration, log_to_mlflow, quiet, write_results
 
+from diaropt.models.constants import CHUNK_SAMPLES
 from diaropt.variants.build import _value
 
 MATMUL_SIZES = (256, 512, 1024, 2048)
@@ -156,6 +158,10 @@ def main() -> None:
 
     peak_before = matmul_throughput(args.matmul_repeats)
     dataset, _ = load_ami_long_form(60 * args.length_min, Path(default_cache_dir()) / "datasets")
+    from diaropt.pipeline.segmentation import SINC_BLOCK_FRAMES, SINC_FILTERS, SINC_STRIDE, SINC_TAPS, SharedSinc
+
+    split = loaded.pipeline.segmentation_model if isinstance(loaded.pipeline.segmentation_model, SharedSinc) else None
+    blocks_before = split.blocks_computed if split is not None else 0
     cpu_start_s, wall_start_s = time.process_time(), time.perf_counter()
     result = run_dataset(loaded.pipeline, dataset, None, loaded.compile_timer, repeats=1, show_progress=False)
     cpu_s, wall_s = time.process_time() - cpu_start_s, time.perf_counter() - wall_start_s
@@ -168,6 +174,15 @@ def main() -> None:
         print(f"note: the torch run embedded {counted['num_embedded']} speakers in {counted['num_chunks']} chunks, "
               f"the measured backend {row['num_embedded']} in {row['num_chunks']}", flush=True)
     duration_s = row["audio_duration_s"]
+    if split is not None:  # segmentation.sinc_shared: the sinc convolution ran once per front row, not per chunk
+        chunk_conv = 2 * SINC_FILTERS * SINC_TAPS * ((CHUNK_SAMPLES - SINC_TAPS) // SINC_STRIDE + 1)
+        rows = split.blocks_computed - blocks_before
+        row_conv = 2 * SINC_FILTERS * SINC_TAPS * SINC_BLOCK_FRAMES
+        counted["sinc_shared"] = {"front_rows": rows, "sinc_conv_flops_per_chunk": chunk_conv,
+                                  "sinc_conv_flops_per_row": row_conv}
+        counted["segmentation"] += rows * row_conv - row["num_chunks"] * chunk_conv
+        print(f"sinc_shared: {rows} front rows instead of the sinc convolution in {row['num_chunks']} chunks",
+              flush=True)
     peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
     stages: dict[str, Any] = {}
     for stage, count in (("segmentation", row["num_chunks"]), ("embedding", row["num_embedded"])):

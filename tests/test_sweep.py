@@ -37,8 +37,8 @@ def test_multirun_logs_one_parent_and_a_child_per_quant_value(tmp_path):
     assert set(children["tags.mlflow.parentRunId"]) == {parent_id}
     assert sorted(children["params.quant.mode"]) == ["fp16", "fp32"]
     assert set(children["params.backend.resolved"]) == {"onnxruntime"}
-    assert sorted(children["params.quant.realized"]) == ["onnxruntime: fp16 initializers and compute, fp32 inputs/outputs",
-                                                         "onnxruntime: the exported fp32 graph"]
+    assert sorted(children["params.quant.realized"]) == [  # which engine realized each quant mode
+        "onnxruntime: fp16 initializers and compute, fp32 inputs/outputs", "onnxruntime: the exported fp32 graph"]
     # compute_unit=auto (the default) is ONNX Runtime's CPU here; the resolved value is what is logged
     assert set(children["params.compute_unit.name"]) == {"auto"}
     assert set(children["params.compute_unit.resolved"]) == set(children["tags.axis.compute_unit"]) == {"cpu_only"}

@@ -52,8 +52,9 @@ SUMMARY_METRICS = [DER_METRIC, DER_PCT_METRIC, DER_FLUIDAUDIO_METRIC, "jer_pyann
                    "embedding_coreml_slice_by_index_ops", "embedding_model_size_bytes", PEAK_RSS,
                    "parity_emb_cos_min", "parity_seg_powerset_agreement", "parity_der_delta", PARITY_OK]
 #: The params the parent run's comparison table shows.
-SUMMARY_PARAMS = ["backend.resolved", "frame_extraction.mode", "frame_extraction.batch_size", "quant.mode", "quant.realized",
-                  "compute_unit.resolved", "embedding.name", "clustering.method", "segmentation.step_s"]
+SUMMARY_PARAMS = ["backend.resolved", "frame_extraction.mode", "frame_extraction.batch_size", "quant.mode",
+                  "quant.realized", "compute_unit.resolved", "embedding.name", "clustering.method",
+                  "segmentation.step_s"]
 
 # --- tags ------------------------------------------------------------------------------------------
 

@@ -64,6 +64,7 @@ def reference_config(cfg: DictConfig) -> DictConfig:
 def is_reference(cfg: DictConfig, backend: str) -> bool:
     """True when the job itself is the reference configuration (its parity is exact by definition)."""
     from diaropt.variants.build import _value, resolve_compute_unit
+    from diaropt.variants.fusion_plan import resolve_sinc_shared
 
     if backend != "torch":
         return False
@@ -73,6 +74,8 @@ def is_reference(cfg: DictConfig, backend: str) -> bool:
         current = _value(OmegaConf.select(cfg, key, default=value))
         if key == "compute_unit.name":  # auto is cpu_only for torch
             current = resolve_compute_unit(current, backend)
+        elif key == "segmentation.sinc_shared":  # null (auto) is off for torch
+            current = resolve_sinc_shared(cfg, backend)
         if current != value:
             return False
     return True
