@@ -215,3 +215,15 @@ def test_senko_fbank_substitute_matches_the_native_library(tmp_path: Path) -> No
     pairs = zip(senko_runner.per_subsegment(native, native_frames, native_offsets),
                 senko_runner.per_subsegment(flat, frames, offsets))
     assert max(float(np.abs(a - b).max()) for a, b in pairs) < 1e-3
+
+
+def test_peer_refuses_a_missing_librispeech_source_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Before any model is loaded: exit 2 and one ``error:`` line naming the folder, no traceback."""
+    monkeypatch.setenv("DIAROPT_SYNTHETIC_SOURCE", str(tmp_path / "no_such_librispeech"))
+    monkeypatch.setattr(sys, "argv", ["peer.py", "--no-peer", "--no-ami", "--no-mlflow", "--max-files", "1",
+                                      "--out", str(tmp_path / "peer.json")])
+    monkeypatch.setattr(peer, "diaropt_system", lambda *a, **k: pytest.fail("a system was loaded before the refusal"))
+    assert peer.main() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: dataset 'test':") and "no_such_librispeech" in err[0]
+    assert not (tmp_path / "peer.json").exists()

@@ -135,3 +135,17 @@ def test_compute_unit_auto_resolves_per_backend(overrides, macos, backend, unit,
     resolved_backend = resolve_backend(_value(cfg.backend.name))
     assert resolved_backend == backend
     assert resolve_compute_unit(_value(cfg.compute_unit.name), resolved_backend) == unit
+
+
+def test_librispeech_source_defaults_beside_the_checkout_whatever_the_working_directory(tmp_path, monkeypatch):
+    """``${repo_sibling:...}``: ``../shared/...`` of the checkout, not of the current directory (benchmarks/
+    scripts run from their folder); ``DIAROPT_SYNTHETIC_SOURCE`` still wins."""
+    from diaropt.config import REPO_ROOT
+
+    monkeypatch.delenv("DIAROPT_SYNTHETIC_SOURCE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    expected = str(REPO_ROOT.parent / "shared" / "data" / "librispeech_test-other")
+    assert compose(["dataset=dev"]).dataset.source_dir == expected
+    assert compose(["dataset=synthetic"]).dataset.source_dir == expected
+    monkeypatch.setenv("DIAROPT_SYNTHETIC_SOURCE", str(tmp_path))
+    assert compose(["dataset=test"]).dataset.source_dir == str(tmp_path)
