@@ -140,8 +140,10 @@ def test_a_recommendation_without_measured_spread_carries_a_caution(store):
 def test_one_timed_pass_logged_as_min_equal_max_still_carries_the_caution(store):
     """A real repeats=1 job logs rtfx_min = rtfx_max = rtfx: that is no measured spread either."""
     parent, ids = store.sweep([
-        {"name": "base", "overrides": ["quant=fp32"], "der": 0.07, "rtfx": 12.6, "parity": OK, "repeats": "1 as logged"},
-        {"name": "fp16", "overrides": ["quant=fp16"], "der": 0.07, "rtfx": 15.7, "parity": OK, "repeats": "1 as logged"},
+        {"name": "base", "overrides": ["quant=fp32"], "der": 0.07, "rtfx": 12.6, "parity": OK,
+         "repeats": "1 as logged"},
+        {"name": "fp16", "overrides": ["quant=fp16"], "der": 0.07, "rtfx": 15.7, "parity": OK,
+         "repeats": "1 as logged"},
     ], "one_pass_logged")
     sweep, selection = select(store, parent)
     assert selection.recommended_run_id == ids["fp16"]

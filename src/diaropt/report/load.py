@@ -230,10 +230,11 @@ def ort_levels(row: Mapping[str, Any]) -> dict[str, str]:
 
 
 def comparable_timings(row: Mapping[str, Any], baseline: Mapping[str, Any]) -> bool:
-    """Whether ``row``'s (a run record or a row of ``annotate``'s frame) timings may be compared with ``baseline``'s: the same engine and host, and the
-    same ONNX Runtime optimization level for every model kind both runs have. A model only one of
-    them builds (``segmentation_sinc`` with ``segmentation.sinc_shared``, ``embedding_pool`` with a
-    shared trunk) is part of the configuration being compared, not a condition of its timing."""
+    """Whether the timings of ``row`` (a run record or a row of ``annotate``'s frame) may be compared
+    with ``baseline``'s: the same engine and host, and the same ONNX Runtime optimization level for
+    every model kind both runs have. A model only one of them builds (``segmentation_sinc`` with
+    ``segmentation.sinc_shared``, ``embedding_pool`` with a shared trunk) is part of the configuration
+    being compared, not a condition of its timing."""
     if row.get("timing_engine_host", _engine_host(row)) != baseline.get("timing_engine_host", _engine_host(baseline)):
         return False
     mine, theirs = row.get("ort_levels", ort_levels(row)), baseline.get("ort_levels", ort_levels(baseline))
