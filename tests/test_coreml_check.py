@@ -60,3 +60,15 @@ def test_check_runs_build_and_executor_and_compares_with_the_mocked_runtime(tmp_
             assert row["op_placement"] == {"MLCPUComputeDevice": 3}
             for diff in row["vs_executor"].values():
                 assert diff["max_abs"] == pytest.approx(1e-3, rel=1e-2) and diff["cosine"] > 0.999
+
+
+def test_sinc_shared_is_refused_in_one_line_before_any_build(tmp_path, capsys, monkeypatch):
+    """Its rest model takes the front's rows cut per chunk, which the check cannot feed from a clip:
+    exit 2 with one line, not a traceback after the build."""
+    import diaropt.variants.build as build
+    from diaropt.coreml_check import main
+
+    monkeypatch.setattr(build, "build_models", lambda *a, **k: pytest.fail("built before the refusal"))
+    assert main(["segmentation.sinc_shared=true", f"paths.cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: segmentation.sinc_shared=true") and "Traceback" not in err[0]

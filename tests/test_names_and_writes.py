@@ -368,3 +368,24 @@ def test_a_failed_result_write_keeps_the_previous_file_and_leaves_no_partial_one
                          and not p.parent.name.startswith("made") and not p.parent.name.startswith("source"))
     files_before = [p for p in files_before if not p.parent.name.startswith(("made", "source"))]
     assert files_after == files_before, "a temporary or partial file was left"
+
+
+def test_diarize_summary_says_what_ran_and_drops_executor_timings() -> None:
+    """The JSON summary names the realized quant and fusion switches (sinc_shared null resolved) and the
+    timing source; backend=coreml off macOS runs diaropt's executor, whose speed is not Core ML's: no timings."""
+    from types import SimpleNamespace
+
+    from diaropt.__main__ import _run_facts, _timings
+
+    timings = {"time_total_s": 2.45678, "rtfx": 12.2149, "audio_duration_s": 30.0}
+    ort = SimpleNamespace(backend="onnxruntime", fusion={"sinc_shared": 1, "coreml_pipeline": 0})
+    facts = _run_facts(ort, "fp32", macos=False)
+    assert facts["fusion"] == {"sinc_shared": True, "coreml_pipeline": False}
+    assert facts["quant_realized"].startswith("onnxruntime: ") and facts["timing_source"] == "target"
+    assert _timings(timings, "onnxruntime", "fp32", macos=False) == {"time_total_s": 2.4568, "rtfx": 12.2149,
+                                                                     "audio_duration_s": 30.0}
+    coreml = _run_facts(SimpleNamespace(backend="coreml", fusion={}), "fp32", macos=False)
+    assert coreml["timing_source"] == "not_measured" and coreml["numerics_source"] == "coreml_program"
+    assert "executor" in coreml["timing_source_reason"]
+    assert _timings(timings, "coreml", "fp32", macos=False) == {"audio_duration_s": 30.0}
+    assert "rtfx" in _timings(timings, "coreml", "fp32", macos=True)

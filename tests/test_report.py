@@ -64,6 +64,9 @@ class Store:
                     for key in ("time_total_s_min", "time_total_s_max", "rtfx_min", "rtfx_max"):
                         metrics.pop(key)
                     metrics["repeats"] = 1.0
+                elif spec.get("repeats") == "1 as logged":  # what a sweep job logs for repeats=1: min = max
+                    metrics.update(time_total_s_min=total, time_total_s_max=total, rtfx_min=spec["rtfx"],
+                                   rtfx_max=spec["rtfx"], repeats=1.0)
             if spec.get("parity") is not None:
                 ok, flag = spec["parity"]
                 metrics.update(parity_ok=ok, parity_emb_cos_min=0.99 if ok else 0.9, parity_emb_cos_mean=0.995,
@@ -132,6 +135,42 @@ def test_a_recommendation_without_measured_spread_carries_a_caution(store):
     assert selection.recommended_run_id == ids["w8a8"]
     text = " ".join(str(content) for _, content in report.render.recommendation_section(sweep, selection).blocks)
     assert "**Caution:** no spread over repeats was measured" in text and "repeats=1" in text
+
+
+def test_one_timed_pass_logged_as_min_equal_max_still_carries_the_caution(store):
+    """A real repeats=1 job logs rtfx_min = rtfx_max = rtfx: that is no measured spread either."""
+    parent, ids = store.sweep([
+        {"name": "base", "overrides": ["quant=fp32"], "der": 0.07, "rtfx": 12.6, "parity": OK,
+         "repeats": "1 as logged"},
+        {"name": "fp16", "overrides": ["quant=fp16"], "der": 0.07, "rtfx": 15.7, "parity": OK,
+         "repeats": "1 as logged"},
+    ], "one_pass_logged")
+    sweep, selection = select(store, parent)
+    assert selection.recommended_run_id == ids["fp16"]
+    text = " ".join(str(content) for _, content in report.render.recommendation_section(sweep, selection).blocks)
+    assert "**Caution:** no spread over repeats was measured" in text
+
+
+def test_a_model_only_one_run_builds_does_not_make_timings_incomparable(store):
+    """segmentation.sinc_shared adds a segmentation_sinc model (its own ORT level param): timings still compare
+    on the models both runs have; a different level on a shared model still does not compare."""
+    parent, ids = store.sweep([
+        {"name": "auto", "overrides": ["segmentation.sinc_shared=null"], "der": 0.07, "rtfx": 12.0, "parity": OK},
+        {"name": "off", "overrides": ["segmentation.sinc_shared=false"], "der": 0.07, "rtfx": 20.0, "parity": OK},
+        {"name": "on_ext", "overrides": ["segmentation.sinc_shared=true"], "der": 0.07, "rtfx": 30.0, "parity": OK},
+    ], "sinc_levels")
+    levels = {"auto": {"segmentation": "all", "segmentation_sinc": "all", "embedding": "all"},
+              "off": {"segmentation": "all", "embedding": "all"},
+              "on_ext": {"segmentation": "all", "segmentation_sinc": "all", "embedding": "extended"}}
+    for name, run_id in ids.items():
+        store.client.log_param(run_id, "backend.resolved", "onnxruntime")
+        for kind, level in levels[name].items():
+            store.client.log_param(run_id, f"ort_optimization_level.{kind}", level)
+    sweep, selection = select(store, parent)
+    verdict = selection.candidates.set_index("run_id")["reason"]
+    assert selection.baseline_run_id == ids["auto"]
+    assert verdict[ids["off"]] == "" and selection.recommended_run_id == ids["off"]
+    assert "not comparable" in verdict[ids["on_ext"]] and "embedding=extended" in verdict[ids["on_ext"]]
 
 
 def test_selection_rule_on_a_mixed_sweep(store, mixed):

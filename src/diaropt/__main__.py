@@ -122,15 +122,42 @@ def diarize(argv: list[str]) -> int:
         audio_duration_s += output.audio_duration_s
         written.append(str(args.out / f"{uri}.rttm"))
     progress.close()
-    summary = {"backend": built.backend, "quant": str(getattr(cfg.quant.mode, "value", cfg.quant.mode)),
+    from diaropt.backends.base import is_macos
+
+    summary = {**_run_facts(built, str(getattr(cfg.quant.mode, "value", cfg.quant.mode)), is_macos()),
                "models": _models_summary(built), "files": len(written), "failed": len(failed),
-               **{k: round(v, 4) for k, v in timer.metrics(audio_duration_s).items()},
+               **_timings(timer.metrics(audio_duration_s), built.backend,
+                          str(getattr(cfg.quant.mode, "value", cfg.quant.mode)), is_macos()),
                "written": written, "failed_files": failed}
     print(json.dumps(summary, indent=1))
     # stderr: stdout stays one JSON document
     print(f"{len(written)} RTTM file(s) written to {args.out.resolve()}"
           + (f"; {len(failed)} file(s) failed (see the errors above)" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
+
+
+def _run_facts(built, quant_mode: str, macos: bool) -> dict[str, object]:
+    """What ran, as the sweep logs it: backend, quant mode and how the backend realized it
+    (``quant.realized``), the realized fusion switches (``segmentation.sinc_shared`` null resolved
+    per backend) and the timing / numerics sources (``diaropt.provenance``)."""
+    from diaropt.provenance import provenance
+    from diaropt.variants.quant import realization
+
+    source = provenance(built.backend, quant_mode, macos)
+    return {"backend": built.backend, "quant": quant_mode, "quant_realized": realization(quant_mode, built.backend),
+            "fusion": {name: bool(on) for name, on in built.fusion.items()},
+            "timing_source": source.timing_source, "numerics_source": source.numerics_source,
+            **({"timing_source_reason": source.reason} if source.reason else {})}
+
+
+def _timings(metrics: dict[str, float], backend: str, quant_mode: str, macos: bool) -> dict[str, float]:
+    """The stage timings and RTFx rounded, or none of them when they are not the configuration's
+    own engine's (``backend=coreml`` off macOS runs diaropt's ML-program executor, whose speed is
+    not Core ML's: ``timing_source`` ``not_measured``, as in a sweep job's metrics)."""
+    from diaropt.provenance import provenance, without_timings
+
+    rounded = {k: round(v, 4) for k, v in metrics.items()}
+    return rounded if provenance(backend, quant_mode, macos).logs_timings else without_timings(rounded)
 
 
 def _models_summary(built) -> dict[str, dict]:

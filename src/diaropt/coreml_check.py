@@ -9,7 +9,9 @@ Steps, per model of the configuration (``backend=coreml`` forced):
    (``MLComputePlan``, macOS 14.4+), predict the clip and compare with the executor (max abs
    difference, cosine), timing compile, load and prediction (macOS only).
 
-Off macOS steps 1-2 run and every step of 3 is reported as needing macOS. All Apple calls go
+Off macOS steps 1-2 run and every step of 3 is reported as needing macOS. Exit codes: 0 checked;
+2 a configuration this check cannot feed model by model (``segmentation.sinc_shared=true``); 3 one
+that cannot be built on this host. All Apple calls go
 through ``AppleRuntime`` (the single boundary the tests mock).
 """
 
@@ -28,6 +30,10 @@ from diaropt.backends.base import BackendUnavailable, is_macos
 
 COMPUTE_UNITS = ("cpu_only", "cpu_and_gpu", "cpu_and_ne", "all")
 NEEDS_MACOS = "needs macOS (Apple's Core ML framework)"
+
+
+class UncheckableConfiguration(ValueError):
+    """A configuration whose models this check cannot feed one by one (said before any work)."""
 
 
 class AppleRuntime:
@@ -110,6 +116,13 @@ def check(overrides: list[str], compute_units: tuple[str, ...] = COMPUTE_UNITS,
     from diaropt.variants.build import build_models
 
     cfg = compose([*overrides, "backend=coreml"])
+    from diaropt.variants.fusion_plan import resolve_sinc_shared
+
+    if resolve_sinc_shared(cfg, "coreml"):  # before the build: the rest model's input is no clip input
+        raise UncheckableConfiguration(
+            "segmentation.sinc_shared=true splits segmentation into a sinc front run once per row and a rest "
+            "fed the front's rows cut per chunk; this check feeds each model a clip's inputs and does not "
+            "assemble them: check it with segmentation.sinc_shared=false (or null, the Core ML default)")
     report: dict[str, Any] = {"overrides": overrides, "host_is_macos": is_macos(), "models": {}}
     start = time.perf_counter()
     built = build_models(cfg)
@@ -168,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailable as error:
         print(f"error: this configuration cannot be built on this host: {error.reason}", file=sys.stderr)
         return 3
+    except UncheckableConfiguration as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     text = json.dumps(report, indent=1, default=str)
     print(text)
     if args.out:

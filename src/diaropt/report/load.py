@@ -200,6 +200,8 @@ def annotate(frame: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.DataF
     frame["timing_reason"] = [_text(r.get(f"tags.{TIMING_REASON_TAG}"), "") for r in records]
     frame["numerics_source"] = [_text(r.get(f"tags.{NUMERICS_TAG}"), "unrecorded") for r in records]
     frame["timing_group"] = [timing_group(r) for r in records]
+    frame["timing_engine_host"] = [_engine_host(r) for r in records]
+    frame["ort_levels"] = [ort_levels(r) for r in records]
     return frame
 
 
@@ -208,10 +210,32 @@ def _text(value: Any, default: str) -> str:
 
 
 def timing_group(row: Mapping[str, Any]) -> str:
-    """What two runs must share for their timings to be compared: engine (``backend.resolved``), host
-    (CPU model, else host name) and every model's ONNX Runtime optimization level."""
+    """The conditions a run was timed under, for display: engine (``backend.resolved``), host (CPU
+    model, else host name) and every model's ONNX Runtime optimization level. Two runs' timings are
+    compared when :func:`comparable_timings` says so."""
+    levels = [f"{kind}={level}" for kind, level in sorted(ort_levels(row).items())]
+    return "; ".join([_engine_host(row), *(["ORT " + ",".join(levels)] if levels else [])])
+
+
+def _engine_host(row: Mapping[str, Any]) -> str:
     backend = _text(row.get("params.backend.resolved"), "backend ?")
     host = _text(row.get("tags.host.cpu_model"), _text(row.get("tags.diaropt.host"), "host ?"))
-    levels = sorted(f"{k.removeprefix('params.ort_optimization_level.')}={v}" for k, v in row.items()
-                    if k.startswith("params.ort_optimization_level.") and isinstance(v, str))
-    return "; ".join([backend, host, *(["ORT " + ",".join(levels)] if levels else [])])
+    return f"{backend}; {host}"
+
+
+def ort_levels(row: Mapping[str, Any]) -> dict[str, str]:
+    """Model kind -> its ONNX Runtime optimization level (``params.ort_optimization_level.<kind>``)."""
+    prefix = "params.ort_optimization_level."
+    return {k.removeprefix(prefix): v for k, v in row.items() if k.startswith(prefix) and isinstance(v, str)}
+
+
+def comparable_timings(row: Mapping[str, Any], baseline: Mapping[str, Any]) -> bool:
+    """Whether the timings of ``row`` (a run record or a row of ``annotate``'s frame) may be compared
+    with ``baseline``'s: the same engine and host, and the same ONNX Runtime optimization level for
+    every model kind both runs have. A model only one of them builds (``segmentation_sinc`` with
+    ``segmentation.sinc_shared``, ``embedding_pool`` with a shared trunk) is part of the configuration
+    being compared, not a condition of its timing."""
+    if row.get("timing_engine_host", _engine_host(row)) != baseline.get("timing_engine_host", _engine_host(baseline)):
+        return False
+    mine, theirs = row.get("ort_levels", ort_levels(row)), baseline.get("ort_levels", ort_levels(baseline))
+    return all(mine[kind] == theirs[kind] for kind in mine.keys() & theirs.keys())

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from diaropt.keys import DER_METRIC, RTFX_METRIC, TAG_OVERRIDES, TAG_SKIP_REASON, TAG_TIMINGS_COMPARABLE
-from diaropt.report.load import annotate, parse_overrides, swept_axes
+from diaropt.report.load import annotate, comparable_timings, parse_overrides, swept_axes
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Selection:
 def _verdict(row: Mapping[str, object], baseline: Mapping[str, object] | None, tolerance: float,
              allow_unchecked: bool) -> str:
     """Why a child is not eligible ("" if it is). Speed is only compared among ``target`` timings of
-    the baseline's engine, host and ONNX Runtime optimization levels (``timing_group``)."""
+    the baseline's engine, host and ONNX Runtime optimization levels (``load.comparable_timings``)."""
     der, rtfx = row["der"], row["rtfx"]
     if row["outcome"] != "finished":
         skip = row.get(f"tags.{TAG_SKIP_REASON}")
@@ -149,7 +149,7 @@ def _verdict(row: Mapping[str, object], baseline: Mapping[str, object] | None, t
         return f"timing {source}: not ranked by speed"
     if math.isnan(rtfx):
         return f"no {RTFX_METRIC}"
-    if row.get("timing_group") != baseline.get("timing_group"):
+    if not comparable_timings(row, baseline):
         return f"timed on {row.get('timing_group')}, baseline on {baseline.get('timing_group')}: not comparable"
     if row.get(f"tags.{TAG_TIMINGS_COMPARABLE}") == "false":
         return "timings not comparable (array cache)"
@@ -158,7 +158,12 @@ def _verdict(row: Mapping[str, object], baseline: Mapping[str, object] | None, t
 
 def inside_spread(faster: Mapping[str, object], slower: Mapping[str, object]) -> bool | None:
     """Whether ``faster``'s RTFx advantage over ``slower`` is inside the measured spread over repeats
-    (``faster``'s ``rtfx_min`` <= ``slower``'s ``rtfx_max``); None when either spread was not measured."""
+    (``faster``'s ``rtfx_min`` <= ``slower``'s ``rtfx_max``); None when either spread was not measured:
+    no min/max logged, or one timed pass (``repeats`` 1: a sweep job logs min = max = its one RTFx)."""
+    for run in (faster, slower):
+        repeats = run.get("metrics.repeats")
+        if isinstance(repeats, float) and not math.isnan(repeats) and repeats < 2:
+            return None
     lo, hi = faster.get("metrics.rtfx_min"), slower.get("metrics.rtfx_max")
     if not (isinstance(lo, float) and isinstance(hi, float)) or math.isnan(lo) or math.isnan(hi):
         return None
