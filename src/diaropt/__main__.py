@@ -89,7 +89,7 @@ def diarize(argv: list[str]) -> int:
     try:
         built = build_models(cfg)
     except BackendUnavailable as error:
-        print(f"error: this configuration cannot be built on this host: {error.reason}", file=sys.stderr)
+        print(f"error: this configuration cannot be built: {error.reason}", file=sys.stderr)
         return 3
     except Exception as error:  # noqa: BLE001 - unbuildable (no checkpoint, ...): one line, no traceback
         log.debug("build failed", exc_info=True)

@@ -11,7 +11,7 @@ Steps, per model of the configuration (``backend=coreml`` forced):
 
 Off macOS steps 1-2 run and every step of 3 is reported as needing macOS. Exit codes: 0 checked;
 2 a configuration this check cannot feed model by model (``segmentation.sinc_shared=true``); 3 one
-that cannot be built on this host. All Apple calls go
+that cannot be built (on this host, or a combination no backend expresses). All Apple calls go
 through ``AppleRuntime`` (the single boundary the tests mock).
 """
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = check(overrides, units)
     except BackendUnavailable as error:
-        print(f"error: this configuration cannot be built on this host: {error.reason}", file=sys.stderr)
+        print(f"error: this configuration cannot be built: {error.reason}", file=sys.stderr)
         return 3
     except UncheckableConfiguration as error:
         print(f"error: {error}", file=sys.stderr)
