@@ -200,8 +200,6 @@ def annotate(frame: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.DataF
     frame["timing_reason"] = [_text(r.get(f"tags.{TIMING_REASON_TAG}"), "") for r in records]
     frame["numerics_source"] = [_text(r.get(f"tags.{NUMERICS_TAG}"), "unrecorded") for r in records]
     frame["timing_group"] = [timing_group(r) for r in records]
-    frame["timing_engine_host"] = [_engine_host(r) for r in records]
-    frame["ort_levels"] = [ort_levels(r) for r in records]
     return frame
 
 
@@ -235,7 +233,7 @@ def comparable_timings(row: Mapping[str, Any], baseline: Mapping[str, Any]) -> b
     every model kind both runs have. A model only one of them builds (``segmentation_sinc`` with
     ``segmentation.sinc_shared``, ``embedding_pool`` with a shared trunk) is part of the configuration
     being compared, not a condition of its timing."""
-    if row.get("timing_engine_host", _engine_host(row)) != baseline.get("timing_engine_host", _engine_host(baseline)):
+    if _engine_host(row) != _engine_host(baseline):
         return False
-    mine, theirs = row.get("ort_levels", ort_levels(row)), baseline.get("ort_levels", ort_levels(baseline))
+    mine, theirs = ort_levels(row), ort_levels(baseline)
     return all(mine[kind] == theirs[kind] for kind in mine.keys() & theirs.keys())

@@ -186,8 +186,8 @@ def recommendation_section(sweep: Sweep, selection: Selection, preset_check: str
                      + (f" ({speedup:.2f}x the baseline)" if present(speedup) else "")
                      + f", DER **{_pct(rec['der'])} %** ({_pct(rec['der_delta'], True)} points vs the baseline), "
                      f"parity: {rec['parity']}.")
-        if selection.message.startswith("recommended:") and "; " in selection.message:  # select_recommended's caveat
-            section.para(f"**Caution:** {selection.message.split('; ', 1)[1]}.")
+        if selection.caveat:
+            section.para(f"**Caution:** {selection.caveat}.")
     elif selection.message.startswith("no configuration"):
         section.para(f"**No configuration qualifies.** {selection.message[len('no configuration qualifies: '):]}.")
     else:

@@ -104,6 +104,8 @@ class Selection:
     message: str
     #: what ``allow_unchecked=True`` would recommend, when that differs (None otherwise)
     if_unchecked_allowed: str | None = None
+    #: a recommendation's caveat (its speed lead unchecked against run-to-run spread), "" without one
+    caveat: str = ""
 
     def row(self, run_id: str | None) -> pd.Series | None:
         if run_id is None:
@@ -222,7 +224,8 @@ def select_recommended(frame: pd.DataFrame, tolerance: float = DEFAULT_DER_TOLER
                    f"{100 * tolerance:.2f} DER points of the baseline, parity-clean and timed by its own engine "
                    "comparably with the baseline")
     return Selection(baseline_id, note, recommended, tolerance, allow_unchecked, candidates, message,
-                     alternative if alternative != recommended else None)
+                     alternative if alternative != recommended else None,
+                     caveat=spread_note if recommended is not None else "")
 
 
 def _best(candidates: pd.DataFrame) -> str | None:
