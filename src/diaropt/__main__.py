@@ -123,11 +123,11 @@ def diarize(argv: list[str]) -> int:
         written.append(str(args.out / f"{uri}.rttm"))
     progress.close()
     from diaropt.backends.base import is_macos
+    from diaropt.variants.build import _value
 
-    summary = {**_run_facts(built, str(getattr(cfg.quant.mode, "value", cfg.quant.mode)), is_macos()),
-               "models": _models_summary(built), "files": len(written), "failed": len(failed),
-               **_timings(timer.metrics(audio_duration_s), built.backend,
-                          str(getattr(cfg.quant.mode, "value", cfg.quant.mode)), is_macos()),
+    quant_mode, macos = str(_value(cfg.quant.mode)), is_macos()
+    summary = {**_run_facts(built, quant_mode, macos), "models": _models_summary(built), "files": len(written),
+               "failed": len(failed), **_timings(timer.metrics(audio_duration_s), built.backend, quant_mode, macos),
                "written": written, "failed_files": failed}
     print(json.dumps(summary, indent=1))
     # stderr: stdout stays one JSON document
