@@ -29,6 +29,11 @@ CHILD = r'''
 import json, sys, time
 marks = {"child_start": time.time()}
 import diaropt.__main__ as cli
+try:  # as `diarize` does before its imports (the wrapping below imports the same modules earlier)
+    from diaropt.lazy_imports import import_pyannote_core_without_pyplot
+    import_pyannote_core_without_pyplot()
+except ImportError:  # code from before the deferral (--compare-src)
+    pass
 from diaropt.backends.base import BackendUnavailable
 from diaropt.config import compose
 from diaropt.data.annotations import write_rttm
@@ -81,7 +86,9 @@ ann.write_rttm = write
 code = cli.main(sys.argv[1:])
 marks["end"] = time.time()
 print("STARTUP_PROFILE " + json.dumps({"marks": marks, "spans": spans, "exit": code,
-                                       "torch_imported": int("torch" in sys.modules)}))
+                                       "torch_imported": int("torch" in sys.modules),
+                                       "matplotlib_imported": int("matplotlib" in sys.modules),
+                                       "scipy_imported": int("scipy" in sys.modules)}))
 '''
 
 
@@ -102,7 +109,9 @@ def one_run(audio: Path, overrides: list[str], src: Path | None = None) -> dict[
     return {"interpreter_start_s": marks["child_start"], "cli_imports_s": marks["imports_done"] - marks["child_start"],
             **{f"{k}_s": v for k, v in spans.items()},
             "spawn_to_first_stage_s": marks["first_stage"], "spawn_to_first_rttm_s": marks["first_rttm"],
-            "spawn_to_exit_s": marks["end"], "torch_imported": float(data.get("torch_imported", 1))}
+            "spawn_to_exit_s": marks["end"],
+            # 1: the module was imported by the end of the run (absent from older code's output: -1, unknown)
+            **{f"{m}_imported": float(data.get(f"{m}_imported", -1)) for m in ("torch", "matplotlib", "scipy")}}
 
 
 def main() -> int:

@@ -138,3 +138,42 @@ def test_the_default_objective_is_a_job_metric():
 
     assert Config().objectives == _DEFAULT_OBJECTIVES
     assert set(_DEFAULT_OBJECTIVES) <= job_metric_names(True) and set(_DEFAULT_OBJECTIVES) <= job_metric_names(False)
+
+
+_CLI_CHILD = r"""
+import json, sys
+import diaropt.__main__ as cli
+code = cli.main(sys.argv[1:])
+print(json.dumps({"exit": code, "modules": sorted(m for m in ("torch", "matplotlib", "coremltools", "mlflow",
+                  "pyannote.metrics") if m in sys.modules)}))
+"""
+
+
+def test_diarize_command_runs_without_torch_or_matplotlib(tmp_path, assets):
+    """The whole ``diarize`` command (cache hit or not) leaves out torch, matplotlib (pyannote.core's
+    notebook display, ~0.5 s: :mod:`diaropt.lazy_imports`), MLflow and coremltools."""
+    import soundfile as sf
+
+    audio = tmp_path / "short.wav"
+    samples, rate = sf.read(assets["ami"] / "dev00.wav", dtype="float32")
+    sf.write(audio, samples[: 12 * rate], rate)
+    done = subprocess.run([sys.executable, "-c", _CLI_CHILD, "diarize", str(audio), "--out", str(tmp_path / "out"),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"exit": 0, "modules": []}
+    assert (tmp_path / "out" / "short.rttm").read_text().startswith("SPEAKER short 1 ")
+
+
+def test_pyannote_core_without_pyplot_keeps_its_notebook():
+    """After the deferred import, pyannote.core works and ``from pyannote.core import notebook`` is
+    still its ``Notebook`` instance (built on first access, with matplotlib imported then)."""
+    code = ("import sys; from diaropt.lazy_imports import import_pyannote_core_without_pyplot as f; f(); "
+            "before = 'matplotlib' in sys.modules; "
+            "from pyannote.core import Annotation, Segment; a = Annotation(uri='u'); a[Segment(0, 1)] = 'A'; "
+            "from pyannote.core import notebook; import pyannote.core; "
+            "print(before, type(notebook).__name__, pyannote.core.notebook is notebook, 'matplotlib' in sys.modules, "
+            "a.labels(), sys.meta_path[0].__class__.__name__ != '_HideMatplotlib')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "Notebook", "True", "True", "['A']", "True"]

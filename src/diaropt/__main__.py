@@ -60,6 +60,9 @@ def diarize(argv: list[str]) -> int:
     if bad:
         parser.error(f"unknown options {bad}; configuration overrides look like key=value")
 
+    from diaropt.lazy_imports import import_pyannote_core_without_pyplot
+
+    import_pyannote_core_without_pyplot()  # before anything imports pyannote.core: no matplotlib (~0.5 s)
     from diaropt.backends.base import BackendUnavailable
     from diaropt.config import compose
     from diaropt.data.annotations import write_rttm

@@ -49,10 +49,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.optimize import linear_sum_assignment
-from scipy.special import logsumexp, softmax
 
+# scipy (cluster, optimize, special) is imported inside the functions that use it: ~0.5 s of every
+# CLI start-up (benchmarks/startup_profile.py), and clustering runs only after the networks.
 from diaropt.config import ClusteringConfig, SegmentationConfig
 from diaropt.models.constants import SEGMENTATION_FRAMES
 from diaropt.pipeline.cluster_counts import (
@@ -164,6 +163,8 @@ def constrained_assignment(
         hard[keep] = np.asarray(initial)[keep]
     if num_clusters == 0:
         return hard
+    from scipy.optimize import linear_sum_assignment  # lazily: see the module's imports
+
     similarity = np.einsum("csd,kd->csk", np.nan_to_num(unit), _unit_rows(centroids))
     for c in range(num_chunks):
         todo = np.flatnonzero(assignable[c] & (hard[c] < 0))
@@ -387,6 +388,8 @@ class AgglomerativeClustering(BaseClustering):
         num_embeddings = x.shape[0]
         if num_embeddings == 1:
             return np.zeros(1, dtype=np.int64)
+        from scipy.cluster.hierarchy import fcluster, linkage  # lazily: see the module's imports
+
         min_size = min(self.min_cluster_size, max(1, int(round(0.1 * num_embeddings))))
         dendrogram = linkage(x, method="centroid", metric="euclidean")
 
@@ -493,6 +496,8 @@ def vbx_refine(
     Returns:
         responsibilities (N, K) and speaker priors (K,), float64.
     """
+    from scipy.special import logsumexp, softmax  # lazily: see the module's imports
+
     features = np.asarray(features, dtype=np.float64)
     num_clusters = int(initial_labels.max()) + 1
     onehot = np.zeros((len(initial_labels), num_clusters))
@@ -594,6 +599,8 @@ class VBxClustering(AgglomerativeClustering):
         num_embeddings = x.shape[0]
         if num_embeddings < 2:
             return np.zeros(num_embeddings, dtype=np.int64)
+        from scipy.cluster.hierarchy import fcluster, linkage  # lazily: see the module's imports
+
         dendrogram = linkage(x, method="centroid", metric="euclidean")
         initial = np.unique(fcluster(dendrogram, self.threshold, criterion="distance") - 1,
                             return_inverse=True)[1]
@@ -662,6 +669,8 @@ class OnlineEMAClustering(BaseClustering):
         num_chunks, _, dimension = embeddings.shape
         # max_speakers caps tracking; a forced num_speakers is applied by the final merge.
         max_open = bounds.max_clusters
+        from scipy.optimize import linear_sum_assignment  # lazily: see the module's imports
+
         min_similarity = 1.0 - self.threshold
         centroids = np.zeros((0, dimension))
         num_updates = np.zeros(0, dtype=np.int64)

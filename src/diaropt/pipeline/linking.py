@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 __all__ = ["Links", "anchor_chunks", "link_to_anchors", "propagate_clusters"]
 
@@ -83,6 +82,9 @@ def link_to_anchors(segmentations: np.ndarray, frame_offsets: np.ndarray, active
         return Links(embed, anchor_chunk, anchor_speaker)
     is_anchor = np.zeros(num_chunks, dtype=bool)
     is_anchor[anchors] = True
+    # scipy.optimize lazily: ~0.1 s of CLI start-up before the first stage (as in clustering)
+    from scipy.optimize import linear_sum_assignment
+
     for chunk in np.flatnonzero(~is_anchor):
         if not active[chunk].any():
             continue
