@@ -246,3 +246,14 @@ def test_the_dataset_of_a_sweep_is_checked_once(monkeypatch: pytest.MonkeyPatch,
             config.hydra.overrides.task = ["dataset=sample", "clustering.threshold=0.4,0.5", "quant=fp32,fp16"]
         assert validate_sweep(config) == 4
     assert calls == ["sample"]
+
+
+@pytest.mark.parametrize(("override", "allowed"), [("segmentation.sinc_shared=maybe", "allowed: true, false, null"),
+                                                   ("backend.ort_force_spinning_stop=x", "allowed: true, false")])
+def test_a_bad_bool_override_says_why_and_what_is_allowed(override: str, allowed: str) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose([override])
+    message = str(caught.value)
+    assert override in message and "is not a valid bool" in message and message.endswith(allowed)

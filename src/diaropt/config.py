@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -443,6 +443,32 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError("invalid configuration: " + "; ".join(bad))
 
 
+def _allowed_values(full_key: str) -> str:
+    """``"; allowed: true, false, null"`` for a bool key of :class:`Config` (``""`` otherwise: OmegaConf
+    already lists an enum's values)."""
+    hint: Any = Config
+    for part in full_key.split("."):
+        hints = get_type_hints(hint) if is_dataclass(hint) else {}
+        if part not in hints:
+            return ""
+        hint = hints[part]
+    args = get_args(hint) if get_origin(hint) is Union else (hint,)
+    base = [a for a in args if a is not type(None)]
+    if base != [bool]:
+        return ""
+    return "; allowed: true, false" + (", null" if type(None) in args else "")
+
+
+def _override_reason(error: Exception) -> str:
+    """A Hydra composition error with OmegaConf's reason (Hydra's own text names only the override)."""
+    from omegaconf.errors import ValidationError
+
+    cause = error.__cause__
+    if not isinstance(cause, ValidationError):
+        return str(error)
+    return f"{error}: {str(cause).splitlines()[0]}{_allowed_values(str(getattr(cause, 'full_key', '')))}"
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """The resolved config for ``overrides`` (Hydra syntax), outside ``@hydra.main`` (CLI, tests)."""
     from hydra import compose as hydra_compose
@@ -454,8 +480,13 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
                                 "repository with `pip install -e .`")
     register_configs()
     GlobalHydra.instance().clear()
+    from hydra.errors import ConfigCompositionException
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
+        try:
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
+        except ConfigCompositionException as error:  # a bad value: say why and what is allowed
+            raise ConfigCompositionException(_override_reason(error)) from error
     from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} interpolations resolve
