@@ -73,14 +73,16 @@ def spread(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def write_results(name: str, results: dict[str, Any], out: Path | None = None) -> Path:
+def write_results(name: str, results: dict[str, Any], out: Path | None = None, announce: bool = True) -> Path:
+    """Write ``results`` as JSON to ``out`` (default ``results/<name>.json``) atomically; say so if ``announce``."""
     path = out or RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     from diaropt.files import atomic_path
 
     with atomic_path(path) as tmp:  # a failed write (full disk) keeps the previous results whole
         tmp.write_text(json.dumps(results, indent=1, default=str))
-    print(f"wrote {path}", flush=True)
+    if announce:
+        print(f"wrote {path}", flush=True)
     return path
 
 

@@ -158,7 +158,7 @@ def main() -> None:
 
     peak_before = matmul_throughput(args.matmul_repeats)
     dataset, _ = load_ami_long_form(60 * args.length_min, Path(default_cache_dir()) / "datasets")
-    from diaropt.pipeline.segmentation import SINC_BLOCK_FRAMES, SINC_FILTERS, SINC_STRIDE, SINC_TAPS, SharedSinc
+    from diaropt.pipeline.segmentation import SINC_BLOCK_FRAMES, SINC_FILTERS, SINC_TAPS, SharedSinc, sinc_conv_frames
 
     split = loaded.pipeline.segmentation_model if isinstance(loaded.pipeline.segmentation_model, SharedSinc) else None
     blocks_before = split.blocks_computed if split is not None else 0
@@ -175,7 +175,7 @@ def main() -> None:
               f"the measured backend {row['num_embedded']} in {row['num_chunks']}", flush=True)
     duration_s = row["audio_duration_s"]
     if split is not None:  # segmentation.sinc_shared: the sinc convolution ran once per front row, not per chunk
-        chunk_conv = 2 * SINC_FILTERS * SINC_TAPS * ((CHUNK_SAMPLES - SINC_TAPS) // SINC_STRIDE + 1)
+        chunk_conv = 2 * SINC_FILTERS * SINC_TAPS * sinc_conv_frames(CHUNK_SAMPLES)
         rows = split.blocks_computed - blocks_before
         row_conv = 2 * SINC_FILTERS * SINC_TAPS * SINC_BLOCK_FRAMES
         counted["sinc_shared"] = {"front_rows": rows, "sinc_conv_flops_per_chunk": chunk_conv,

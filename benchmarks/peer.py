@@ -374,7 +374,7 @@ def main() -> int:
         results.update(status=status, results=per_set, load_average_now=load_average(),
                        rounds={n: {"warm": _strip(warm[n]), "cold": _strip(cold[n])} for n in file_sets})
         results["headline"] = headline_of(results)
-        write_results("peer", results, args.out)
+        write_results("peer", results, args.out, announce=status == "complete")  # partial saves: after each round
 
     for r in range(max(args.repeats, args.cold_repeats)):
         order = names[r % len(names):] + names[: r % len(names)]

@@ -40,10 +40,15 @@ SINC_BLOCK_SAMPLES = SINC_STRIDE * (SINC_BLOCK_FRAMES - 1) + SINC_TAPS
 SINC_BLOCK_HOP = SINC_STRIDE * SINC_BLOCK_FRAMES  # samples between consecutive rows of one grid
 
 
+def sinc_conv_frames(num_samples: int) -> int:
+    """Frames of the sinc convolution (no padding) over ``num_samples`` (15975 for a 10 s chunk)."""
+    return (num_samples - SINC_TAPS) // SINC_STRIDE + 1
+
+
 def sinc_pooled_frames(num_samples: int) -> int:
     """Frames after the sinc convolution and the first max-pool of ``num_samples`` (5325 for a 10 s
-    chunk: 15975 convolution frames)."""
-    return ((num_samples - SINC_TAPS) // SINC_STRIDE + 1) // SINC_POOL
+    chunk)."""
+    return sinc_conv_frames(num_samples) // SINC_POOL
 
 
 def fixed_batch_size(model: RunnableModel) -> int | None:
