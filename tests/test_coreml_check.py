@@ -72,3 +72,20 @@ def test_sinc_shared_is_refused_in_one_line_before_any_build(tmp_path, capsys, m
     assert main(["segmentation.sinc_shared=true", f"paths.cache_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: segmentation.sinc_shared=true") and "Traceback" not in err[0]
+
+
+def test_the_command_drops_coremltools_notices_that_do_not_apply(tmp_path):
+    """``main`` installs the filter before anything imports coremltools: off macOS its 'Failed to load
+    _MLModelProxy' lines and the version notices (:mod:`diaropt.quiet`) do not reach the user."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from diaropt.coreml_check import main; "
+            f"code = main(['segmentation.sinc_shared=true', 'paths.cache_dir={tmp_path}']); "
+            "import coremltools; print(code)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "2", done.stderr[-2000:]
+    assert done.stderr.strip().startswith("error: segmentation.sinc_shared=true"), done.stderr
+    noise = ("libcoremlpython", "scikit-learn version", "has not been tested with coremltools")
+    if sys.platform != "darwin":
+        assert not any(text in done.stderr for text in noise), done.stderr

@@ -168,6 +168,9 @@ def check(overrides: list[str], compute_units: tuple[str, ...] = COMPUTE_UNITS,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diaropt.quiet import quiet_third_party
+
+    quiet_third_party()  # before coremltools is imported: its off-macOS notices, and bars off a terminal
     parser = argparse.ArgumentParser(prog="python -m diaropt.coreml_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--compute-units", default=",".join(COMPUTE_UNITS))
     parser.add_argument("--out", type=Path, help="also write the report as JSON here")
