@@ -64,7 +64,7 @@ def test_summary_judges_targets_from_the_results(tmp_path: Path) -> None:
     assert "(long_form.json): recommended vs seed_baseline 3.30x (median; min 3.10x) — ≥ 3x met; DER +0.10 pts — ≤ +0.5 met" in text
     assert "embedding share of the default configuration 88.0 % — below the design note's 46.5 % **not met**" in text
     assert "60 min file: 1500 MiB — < 2048 MiB met" in text
-    assert "Not found (not run yet): compute_limit, profile_default, peer" in text
+    assert "Not found (not run yet): compute_limit, profile_default, peer, startup_profile" in text
     assert "peak_rss_bytes |" not in text  # memory is described by its growth, not a log-log verdict
 
     _write_results(tmp_path, recommended_speedup=2.4, recommended_delta_pts=0.7, peak_60min_bytes=2500 << 20,
@@ -227,3 +227,33 @@ def test_peer_refuses_a_missing_librispeech_source_in_one_line(tmp_path: Path, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: dataset 'test':") and "no_such_librispeech" in err[0]
     assert not (tmp_path / "peer.json").exists()
+
+
+def test_summary_startup_section_judges_the_2_s_target(tmp_path: Path) -> None:
+    summary = {"cli_imports_s": _spread(0.45, 0.36, 0.52), "spawn_to_first_stage_s": _spread(1.3, 1.0, 1.4),
+               "spawn_to_first_rttm_s": _spread(2.8, 2.3, 3.0), "torch_imported": _spread(0, 0, 0),
+               "matplotlib_imported": _spread(0, 0, 0)}
+    result = {"commit": "0123456789abcdef", "date": "2026-12-01", "load_average_start": {"load_1min": 0.5},
+              "cpu_count_usable": 2, "audio": "/cache/sample.wav", "overrides": [], "summary": summary}
+    (tmp_path / "startup_profile.json").write_text(json.dumps(result))
+    text = summarize.summarize(tmp_path)
+    assert "- start-up (startup_profile.json): `diarize` spawn to first stage 1.30 s (median; max 1.40 s) — ≤ 2 s met" in text
+    assert "| cli_imports | 0.45 [0.36, 0.52] |" in text and "neither torch nor matplotlib" in text
+
+    summary.update(spawn_to_first_stage_s=_spread(2.2, 1.9, 2.5), matplotlib_imported=_spread(1, 1, 1))
+    (tmp_path / "startup_profile.json").write_text(json.dumps(result))
+    text = summarize.summarize(tmp_path)
+    assert "spawn to first stage 2.20 s (median; max 2.50 s) — ≤ 2 s **not met**" in text
+    assert "- imported by the run: matplotlib" in text
+
+
+def test_summary_judges_the_compute_aim_per_stage(tmp_path: Path) -> None:
+    stage = {"gflop_per_audio_s": 1.4, "achieved_gflops": 100.0, "rtfx_bound_at_peak": 120.0}
+    result = {"commit": "0123456789abcdef", "date": "2026-12-01", "load_average_start": {"load_1min": 0.5},
+              "cpu_count_usable": 2, "recording": {"uri": "ami_long_5min"}, "peak_gflops": 170.0,
+              "stages": {"segmentation": {**stage, "fraction_of_peak": 0.58},
+                         "embedding": {**stage, "fraction_of_peak": 0.81}}}
+    (tmp_path / "compute_limit.json").write_text(json.dumps(result))
+    text = summarize.summarize(tmp_path)
+    assert "- segmentation at 58 % of the measured matmul peak (compute_limit) — ≥ 80 % aim **not met**" in text
+    assert "- embedding at 81 % of the measured matmul peak (compute_limit) — ≥ 80 % aim met" in text
