@@ -123,6 +123,8 @@ def main() -> int:
     parser.add_argument("--compare-src", type=Path, default=None,
                         help="another checkout's src/ (e.g. before a change): its runs alternate with this "
                              "code's in every round and the per-round ratios are reported")
+    parser.add_argument("--compare-label", default=None,
+                        help="what --compare-src is, for the results (e.g. 'commit 3eb142c'); default: its path")
     args = parser.parse_args()
     audio = args.audio
     if audio is None:
@@ -144,7 +146,7 @@ def main() -> int:
     results["summary"] = {k: spread([run[k] for run in runs]) for k in sorted({k for run in runs for k in run})
                           if all(k in run for run in runs)}
     if compared:
-        results["compare_src"] = str(args.compare_src)
+        results["compare_src"] = args.compare_label or str(args.compare_src)
         results["compared_runs"] = compared
         results["compared_summary"] = {k: spread([run[k] for run in compared])
                                        for k in sorted({k for run in compared for k in run})

@@ -158,6 +158,12 @@ def startup_section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
             lines.append(f"| {key.removesuffix('_s')} | {_spread_text(summary[key], 2)} |")
     imported = [m for m in ("torch", "matplotlib") if summary.get(f"{m}_imported", {}).get("max", 0) > 0]
     lines += ["", f"- imported by the run: {', '.join(imported) if imported else 'neither torch nor matplotlib'}"]
+    ratios, compared = result.get("speedup_vs_compared_per_round", {}), result.get("compared_summary", {})
+    if ratios and compared:  # --compare-src: another checkout alternated with this one in every round
+        lines.append(f"- alternated in every round with `{result.get('compare_src')}`: first stage "
+                     f"{_spread_text(compared.get('spawn_to_first_stage_s'), 2)} s there; this code reaches its first "
+                     f"stage {_spread_text(ratios.get('spawn_to_first_stage_s'), 2, 'x')} and its first RTTM "
+                     f"{_spread_text(ratios.get('spawn_to_first_rttm_s'), 2, 'x')} sooner (per-round ratios)")
     targets = []
     first = summary.get("spawn_to_first_stage_s")
     if first:
@@ -245,9 +251,7 @@ def summarize(results_dir: Path) -> str:
             if {"segmentation", "embedding"} <= set(stages):
                 seg, emb = (stages[k]["gflop_per_audio_s"] for k in ("segmentation", "embedding"))
                 targets.append(f"- the embedding network needs {emb / seg:.1f}x the FLOPs of segmentation per audio "
-                               f"second ({emb:.1f} vs {seg:.2f} GFLOP) and runs at "
-                               f"{100 * stages['embedding']['fraction_of_peak']:.0f} % of the measured matmul peak "
-                               "(compute_limit)")
+                               f"second ({emb:.1f} vs {seg:.2f} GFLOP; compute_limit)")
             for stage in ("segmentation", "embedding"):
                 if stage in stages:
                     fraction = stages[stage]["fraction_of_peak"]
