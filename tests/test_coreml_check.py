@@ -122,3 +122,17 @@ def test_backend_coreml_override_is_accepted(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "build_models", refuse)
     with pytest.raises(Built, match="coreml"):
         check(["backend=coreml", "segmentation.sinc_shared=false", f"paths.cache_dir={tmp_path}"])
+
+
+def test_an_unwritable_out_is_one_line_after_the_printed_report(tmp_path, capsys, monkeypatch):
+    import diaropt.coreml_check as coreml_check
+
+    report = {"overrides": [], "host_is_macos": True, "models": {}}
+    monkeypatch.setattr(coreml_check, "check", lambda overrides, units: report)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert coreml_check.main(["--out", str(blocker / "report.json")]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: could not write {blocker / 'report.json'}: "), err
+    assert '"overrides": []' in captured.out

@@ -11,8 +11,8 @@ Steps, per model of the configuration (``backend=coreml`` forced):
 
 Off macOS steps 1-2 run and every step of 3 is reported as needing macOS. Exit codes: 0 checked;
 2 a bad override (one that does not compose, or another backend) or a configuration this check cannot
-feed model by model (``segmentation.sinc_shared=true``); 3 one
-that cannot be built (on this host, or a combination no backend expresses). All Apple calls go
+feed model by model (``segmentation.sinc_shared=true``); 3 one that cannot be built (on this host, or
+a combination no backend expresses); 1 the report (printed) could not be written to ``--out``. All Apple calls go
 through ``AppleRuntime`` (the single boundary the tests mock).
 """
 
@@ -212,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         from diaropt.files import atomic_path
 
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(text)
+        try:
+            with atomic_path(args.out) as tmp:
+                tmp.write_text(text)
+        except OSError as error:  # the report is on stdout: say why the file is not, in one line
+            print(f"error: could not write {args.out}: {error}", file=sys.stderr)
+            return 1
     if not report["host_is_macos"]:
         print(f"ran: build, executor. Not run here ({report['macos_reason']}): "
               f"{', '.join(report['steps_needing_macos'])}", file=sys.stderr)
