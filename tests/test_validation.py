@@ -308,3 +308,23 @@ def test_diarize_says_a_bad_override_in_one_line_and_writes_nothing(tmp_path: Pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: bad configuration override: ")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("under", ["", "sub/deeper"])
+def test_diarize_refuses_an_out_that_is_a_file_in_one_line_before_any_build(tmp_path: Path, capsys, monkeypatch,
+                                                                            under: str) -> None:
+    """``--out`` naming a file (or a folder under one): exit 2 with one line before the models are built
+    (was a FileExistsError / NotADirectoryError traceback after the build)."""
+    import diaropt.variants.build as build
+    from diaropt.__main__ import main
+
+    monkeypatch.setattr(build, "build_models", lambda cfg: pytest.fail("built despite an unusable --out"))
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(SR, dtype=np.float32), SR)
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    out = blocker / under if under else blocker
+    assert main(["diarize", str(audio), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {out}: ") and "is a file, not a folder" in err[0]
+    assert blocker.read_text() == ""
