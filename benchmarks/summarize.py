@@ -38,7 +38,9 @@ def _provenance(result: dict[str, Any]) -> str:
     host = result.get("host", {})
     cpu = (f" ({host['host.cpu_model']}; SIMD: {host.get('host.cpu_simd', 'not recorded')})"
            if host.get("host.cpu_model") else "")
-    return (f"commit `{str(result.get('commit', '?'))[:12]}`, {result.get('date', '?')}, load average at start "
+    commit = str(result.get("commit", "?"))
+    dirty = " with uncommitted changes" if commit.endswith("-dirty") else ""  # common.git_commit's suffix
+    return (f"commit `{commit.removesuffix('-dirty')[:12]}`{dirty}, {result.get('date', '?')}, load average at start "
             f"{load.get('load_1min', float('nan')):.1f} (1 min) on {result.get('cpu_count_usable', '?')} cores{cpu}")
 
 
@@ -251,7 +253,7 @@ def summarize(results_dir: Path) -> str:
             if {"segmentation", "embedding"} <= set(stages):
                 seg, emb = (stages[k]["gflop_per_audio_s"] for k in ("segmentation", "embedding"))
                 targets.append(f"- the embedding network needs {emb / seg:.1f}x the FLOPs of segmentation per audio "
-                               f"second ({emb:.1f} vs {seg:.2f} GFLOP; compute_limit)")
+                               f"second ({emb:.2f} vs {seg:.2f} GFLOP; compute_limit)")
             for stage in ("segmentation", "embedding"):
                 if stage in stages:
                     fraction = stages[stage]["fraction_of_peak"]
