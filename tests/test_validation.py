@@ -300,7 +300,8 @@ def test_an_override_without_a_value_is_one_line() -> None:
 
 
 @pytest.mark.parametrize("override", ["quant=int9", "clustering.treshold=0.5", "segmentation.sinc_shared=maybe",
-                                      "segmentation.step_s=abc", "segmentation", "clustering.threshold=1,2"])
+                                      "segmentation.step_s=abc", "segmentation", "clustering.threshold=1,2",
+                                      "+clustering.treshold=0.5"])
 def test_diarize_says_a_bad_override_in_one_line_and_writes_nothing(tmp_path: Path, capsys, override: str) -> None:
     from diaropt.__main__ import main
 
@@ -328,3 +329,16 @@ def test_diarize_refuses_an_out_that_is_a_file_in_one_line_before_any_build(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --out {out}: ") and "is a file, not a folder" in err[0]
     assert blocker.read_text() == ""
+
+
+@pytest.mark.parametrize(("override", "suggested"), [("+segmentation.step=2", "segmentation.step_s"),
+                                                     ("+clustering.treshold=0.5", "clustering.threshold"),
+                                                     ("+nosuch=1", None)])
+def test_an_appended_key_the_schema_lacks_is_refused(override: str, suggested: str | None) -> None:
+    """``+key=value`` composes (Hydra opens the node for it) but nothing reads the key: a typo would run
+    the default silently. ``validate`` names it (with close schema keys); Hydra's own keys stay open."""
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(ValueError, match=re.escape(f"invalid configuration: {key}: not a configuration key")) as caught:
+        compose([override])
+    assert (f"did you mean {suggested}" in str(caught.value)) if suggested else "did you mean" not in str(caught.value)
+    assert compose(["+hydra.job.env_set.DIAROPT_X=1"]).hydra.job.env_set.DIAROPT_X == "1"

@@ -366,6 +366,24 @@ def _field_problems(schema: type, node: Any, prefix: str = "") -> list[str]:
     return problems
 
 
+def _unknown_keys(schema: type, node: Any, prefix: str = "") -> list[str]:
+    """Keys of ``node`` that ``schema`` does not have, recursively (Hydra's ``+key=value`` appends one
+    to a structured config; nothing reads it). ``hydra`` at the top is Hydra's own node."""
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing():
+        return []
+    hints = get_type_hints(schema)
+    names = {spec.name for spec in fields(schema)}
+    unknown: list[str] = []
+    for key in node.keys():
+        if not prefix and key == "hydra":
+            continue
+        if key not in names:
+            unknown.append(f"{prefix}{key}")
+        elif is_dataclass(hints.get(key)):
+            unknown += _unknown_keys(hints[key], node._get_node(key), f"{prefix}{key}.")
+    return unknown
+
+
 def job_metric_names(parity_enabled: bool = True, cache_arrays: bool = False) -> set[str]:
     """The metrics a sweep job returns (what ``objectives`` may name): DER/JER and their components in
     every scoring convention, per-stage times with their min/max over repeats, shares, RTFx,
@@ -433,13 +451,17 @@ def _cross_field_problems(cfg: DictConfig) -> list[str]:
 
 def validate(cfg: DictConfig) -> None:
     """Check every value against the schema's ranges and choice sets (:func:`bounded` metadata of
-    :class:`Config`, walked recursively) and the cross-field rules (``min_speakers <= max_speakers``,
-    objectives a job returns, ...), before any work.
+    :class:`Config`, walked recursively), keys the schema lacks (a ``+key=value`` append) and the
+    cross-field rules (``min_speakers <= max_speakers``, objectives a job returns, ...), before any work.
 
     Raises:
         ValueError: ``invalid configuration: <key> = <value>: <rule>; ...`` naming every bad key.
     """
-    bad = _field_problems(Config, cfg) + _cross_field_problems(cfg)
+    bad = [f"{key}: not a configuration key (appended with '+'; nothing would read it)"
+           + (f"; did you mean {', '.join(close)}?" if (close := difflib.get_close_matches(key, _schema_keys(), n=3))
+              else "")
+           for key in _unknown_keys(Config, cfg)]
+    bad += _field_problems(Config, cfg) + _cross_field_problems(cfg)
     if bad:
         raise ValueError("invalid configuration: " + "; ".join(bad))
 
