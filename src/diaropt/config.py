@@ -374,7 +374,7 @@ def _unknown_keys(schema: type, node: Any, prefix: str = "") -> list[str]:
     hints = get_type_hints(schema)
     names = {spec.name for spec in fields(schema)}
     unknown: list[str] = []
-    for key in node.keys():
+    for key in node:
         if not prefix and key == "hydra":
             continue
         if key not in names:
