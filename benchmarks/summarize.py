@@ -39,8 +39,8 @@ def _provenance(result: dict[str, Any]) -> str:
     cpu = (f" ({host['host.cpu_model']}; SIMD: {host.get('host.cpu_simd', 'not recorded')})"
            if host.get("host.cpu_model") else "")
     commit = str(result.get("commit", "?"))
-    dirty = " with uncommitted changes" if commit.endswith("-dirty") else ""
-    return (f"commit `{commit[:12]}`{dirty}, {result.get('date', '?')}, load average at start "
+    dirty = " with uncommitted changes" if commit.endswith("-dirty") else ""  # common.git_commit's suffix
+    return (f"commit `{commit.removesuffix('-dirty')[:12]}`{dirty}, {result.get('date', '?')}, load average at start "
             f"{load.get('load_1min', float('nan')):.1f} (1 min) on {result.get('cpu_count_usable', '?')} cores{cpu}")
 
 

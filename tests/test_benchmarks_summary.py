@@ -258,3 +258,17 @@ def test_summary_judges_the_compute_aim_per_stage(tmp_path: Path) -> None:
     text = summarize.summarize(tmp_path)
     assert "- segmentation at 58 % of the measured matmul peak (compute_limit) — ≥ 80 % aim **not met**" in text
     assert "- embedding at 81 % of the measured matmul peak (compute_limit) — ≥ 80 % aim met" in text
+
+
+def test_summary_provenance_keeps_a_dirty_tree_said(tmp_path: Path) -> None:
+    """A result measured with uncommitted changes (``common.git_commit``'s ``-dirty``) says so: the
+    short commit alone would claim the committed code was measured."""
+    summary = {"spawn_to_first_stage_s": _spread(1.3, 1.0, 1.4)}
+    result = {"commit": "0123456789abcdef0123-dirty", "date": "2026-12-01", "load_average_start": {"load_1min": 0.5},
+              "cpu_count_usable": 2, "audio": "/cache/sample.wav", "overrides": [], "summary": summary}
+    (tmp_path / "startup_profile.json").write_text(json.dumps(result))
+    assert "commit `0123456789ab` with uncommitted changes, 2026-12-01" in summarize.summarize(tmp_path)
+    result["commit"] = "0123456789abcdef0123"
+    (tmp_path / "startup_profile.json").write_text(json.dumps(result))
+    text = summarize.summarize(tmp_path)
+    assert "commit `0123456789ab`, 2026-12-01" in text and "uncommitted" not in text

@@ -89,3 +89,50 @@ def test_the_command_drops_coremltools_notices_that_do_not_apply(tmp_path):
     noise = ("libcoremlpython", "scikit-learn version", "has not been tested with coremltools")
     if sys.platform != "darwin":
         assert not any(text in done.stderr for text in noise), done.stderr
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    ("segmentation.sinc_shared=maybe", "is not a valid bool"), ("quant=int9", "Could not find 'quant/int9'"),
+    ("clustering.treshold=0.5", "did you mean clustering.threshold"),
+    ("backend=torch", "backend=torch: this check builds and checks backend=coreml"),
+    ("backend.name=onnxruntime", "backend.name=onnxruntime: this check builds and checks backend=coreml")])
+def test_a_bad_override_is_one_line_exit_2_before_any_build(tmp_path, capsys, monkeypatch, override, said):
+    """A bad override: exit 2, one line naming it (not a traceback); another backend is refused rather than
+    replaced by backend=coreml under a report that names it. Nothing is built or written."""
+    import diaropt.variants.build as build
+    from diaropt.coreml_check import main
+
+    monkeypatch.setattr(build, "build_models", lambda cfg: pytest.fail("built despite a bad override"))
+    out = tmp_path / "report.json"
+    assert main([override, f"paths.cache_dir={tmp_path}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bad configuration override: ") and said in err[0], err
+    assert not out.exists()
+
+
+def test_backend_coreml_override_is_accepted(tmp_path, monkeypatch):
+    import diaropt.variants.build as build
+
+    class Built(Exception):
+        pass
+
+    def refuse(cfg):
+        raise Built(cfg.backend.name)
+
+    monkeypatch.setattr(build, "build_models", refuse)
+    with pytest.raises(Built, match="coreml"):
+        check(["backend=coreml", "segmentation.sinc_shared=false", f"paths.cache_dir={tmp_path}"])
+
+
+def test_an_unwritable_out_is_one_line_after_the_printed_report(tmp_path, capsys, monkeypatch):
+    import diaropt.coreml_check as coreml_check
+
+    report = {"overrides": [], "host_is_macos": True, "models": {}}
+    monkeypatch.setattr(coreml_check, "check", lambda overrides, units: report)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert coreml_check.main(["--out", str(blocker / "report.json")]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: could not write {blocker / 'report.json'}: "), err
+    assert '"overrides": []' in captured.out

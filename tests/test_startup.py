@@ -177,3 +177,30 @@ def test_pyannote_core_without_pyplot_keeps_its_notebook():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "Notebook", "True", "True", "['A']", "True"]
+
+
+def test_pyannote_core_notebook_stays_the_notebook_after_its_submodule_is_imported():
+    """``Annotation._repr_png_`` (a notebook's display) imports the submodule ``pyannote.core.notebook``,
+    which binds the submodule object to ``pyannote.core.notebook``: after the deferred import it must
+    still be the ``Notebook`` instance (``notebook.crop = ...``, ``notebook.reset()``), as after a plain
+    import, and ``notebook`` stays in ``pyannote.core.__all__``."""
+    code = ("import sys; from diaropt.lazy_imports import import_pyannote_core_without_pyplot as f; core = f(); "
+            "from pyannote.core import Annotation, Segment; a = Annotation(uri='u'); a[Segment(0, 1)] = 'A'; "
+            "png = a._repr_png_(); import pyannote.core.notebook; "
+            "from pyannote.core import notebook; notebook.crop = Segment(0, 2); notebook.reset(); "
+            "print(type(core.notebook).__name__, core.notebook is notebook, 'notebook' in core.__all__, "
+            "png[:4] == b'\\x89PNG', notebook.crop)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["Notebook", "True", "True", "True", "None"]
+
+
+def test_pyannote_core_without_matplotlib_has_no_notebook_as_a_plain_import():
+    """Without matplotlib, the deferred import leaves ``pyannote.core`` as a plain import does: no
+    ``notebook`` attribute (``hasattr`` is False, not an ImportError), none in ``__all__``."""
+    code = ("import sys; from diaropt.lazy_imports import _HideMatplotlib, import_pyannote_core_without_pyplot as f; "
+            "sys.meta_path.insert(0, _HideMatplotlib()); core = f(); "
+            "print(hasattr(core, 'notebook'), 'notebook' in core.__all__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]

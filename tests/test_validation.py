@@ -257,3 +257,88 @@ def test_a_bad_bool_override_says_why_and_what_is_allowed(override: str, allowed
         compose([override])
     message = str(caught.value)
     assert override in message and "is not a valid bool" in message and message.endswith(allowed)
+
+
+def test_a_missing_group_option_is_one_line_with_the_options() -> None:
+    """``quant=int9``: Hydra's option list on one line, without its config search path; still a
+    ``MissingConfigException`` (an ``OSError`` too) for callers that catch it."""
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as caught:
+        compose(["quant=int9"])
+    message = str(caught.value)
+    assert "\n" not in message and "search path" not in message
+    assert message.startswith("In 'config': Could not find 'quant/int9'; available options in 'quant': ")
+    assert {"fp32", "int8", "w8a8"} <= set(message.split(": ")[-1].split(", "))
+
+
+@pytest.mark.parametrize(("override", "suggested"), [("clustering.treshold=0.5", "clustering.threshold"),
+                                                     ("segmentation.step=2", "segmentation.step_s"),
+                                                     ("nosuch.key=1", None)])
+def test_an_unknown_key_is_one_line_with_close_keys_not_an_append_hint(override: str, suggested: str | None) -> None:
+    """A key the schema lacks: named in one line, with close schema keys; not Hydra's '+key=value'
+    hint (an appended key is read by nothing)."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose([override])
+    message = str(caught.value)
+    key = override.split("=")[0]
+    assert "\n" not in message and "+" not in message and message.startswith(f"Could not override '{key}': Key ")
+    if suggested:
+        assert message.endswith("?") and suggested in message.split("did you mean ")[1]
+    else:
+        assert "did you mean" not in message
+
+
+def test_an_override_without_a_value_is_one_line() -> None:
+    from hydra.errors import OverrideParseException
+
+    with pytest.raises(OverrideParseException) as caught:
+        compose(["segmentation"])
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("Error parsing override 'segmentation'; ")
+
+
+@pytest.mark.parametrize("override", ["quant=int9", "clustering.treshold=0.5", "segmentation.sinc_shared=maybe",
+                                      "segmentation.step_s=abc", "segmentation", "clustering.threshold=1,2",
+                                      "+clustering.treshold=0.5"])
+def test_diarize_says_a_bad_override_in_one_line_and_writes_nothing(tmp_path: Path, capsys, override: str) -> None:
+    from diaropt.__main__ import main
+
+    assert main(["diarize", str(tmp_path / "x.wav"), "--out", str(tmp_path / "out"), "--no-progress", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bad configuration override: ")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("under", ["", "sub/deeper"])
+def test_diarize_refuses_an_out_that_is_a_file_in_one_line_before_any_build(tmp_path: Path, capsys, monkeypatch,
+                                                                            under: str) -> None:
+    """``--out`` naming a file (or a folder under one): exit 2 with one line before the models are built
+    (was a FileExistsError / NotADirectoryError traceback after the build)."""
+    import diaropt.variants.build as build
+    from diaropt.__main__ import main
+
+    monkeypatch.setattr(build, "build_models", lambda cfg: pytest.fail("built despite an unusable --out"))
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(SR, dtype=np.float32), SR)
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    out = blocker / under if under else blocker
+    assert main(["diarize", str(audio), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {out}: ") and "is a file, not a folder" in err[0]
+    assert blocker.read_text() == ""
+
+
+@pytest.mark.parametrize(("override", "suggested"), [("+segmentation.step=2", "segmentation.step_s"),
+                                                     ("+clustering.treshold=0.5", "clustering.threshold"),
+                                                     ("+nosuch=1", None)])
+def test_an_appended_key_the_schema_lacks_is_refused(override: str, suggested: str | None) -> None:
+    """``+key=value`` composes (Hydra opens the node for it) but nothing reads the key: a typo would run
+    the default silently. ``validate`` names it (with close schema keys); Hydra's own keys stay open."""
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(ValueError, match=re.escape(f"invalid configuration: {key}: not a configuration key")) as caught:
+        compose([override])
+    assert (f"did you mean {suggested}" in str(caught.value)) if suggested else "did you mean" not in str(caught.value)
+    assert compose(["+hydra.job.env_set.DIAROPT_X=1"]).hydra.job.env_set.DIAROPT_X == "1"

@@ -47,9 +47,19 @@ def _uris(paths: list[Path]) -> tuple[list[tuple[Path, str]], list[str], list[st
     return jobs, refused, collisions
 
 
+def _out_folder_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be the RTTM folder (it, or its nearest existing parent, is not a folder), or None."""
+    for path in (out, *out.absolute().parents):
+        if path.exists():
+            if path.is_dir():
+                return None
+            return "is a file, not a folder" if path == out else f"{path} is a file, not a folder"
+    return None
+
+
 def diarize(argv: list[str]) -> int:
     """Exit codes: 0 every file diarized; 1 some file failed (each named, the others written);
-    2 bad arguments, configuration or file names (nothing done); 3 the configuration cannot be built
+    2 bad arguments, configuration, file names or ``--out`` folder (nothing done); 3 the configuration cannot be built
     or loaded on this host (one line: the reason)."""
     parser = argparse.ArgumentParser(prog="python -m diaropt diarize", description=__doc__.splitlines()[0])
     parser.add_argument("audio", nargs="+", type=Path, help="audio files (wav, flac, ogg, ...)")
@@ -82,6 +92,10 @@ def diarize(argv: list[str]) -> int:
     if missing:
         print(f"error: no such audio file: {', '.join(missing)}", file=sys.stderr)
         return 2
+    out_problem = _out_folder_problem(args.out)
+    if out_problem:  # before the models are built
+        print(f"error: --out {args.out}: {out_problem}", file=sys.stderr)
+        return 2
     jobs, refused, collisions = _uris(args.audio)
     if collisions:  # refused up front: no result may overwrite another
         print("error: two input files would write the same RTTM (rename one): " + "; ".join(collisions),
@@ -105,7 +119,11 @@ def diarize(argv: list[str]) -> int:
     except BackendUnavailable as error:
         print(f"error: this configuration cannot run on this host: {error.reason}", file=sys.stderr)
         return 3
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. no permission: nothing diarized yet
+        print(f"error: --out {args.out}: cannot create the folder ({error.strerror or error})", file=sys.stderr)
+        return 2
     audio_duration_s = 0.0
     failed = [message.split(": ", 1)[0] for message in refused]
     written: list[str] = []

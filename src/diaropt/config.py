@@ -22,6 +22,7 @@ axis's options live:
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -365,6 +366,24 @@ def _field_problems(schema: type, node: Any, prefix: str = "") -> list[str]:
     return problems
 
 
+def _unknown_keys(schema: type, node: Any, prefix: str = "") -> list[str]:
+    """Keys of ``node`` that ``schema`` does not have, recursively (Hydra's ``+key=value`` appends one
+    to a structured config; nothing reads it). ``hydra`` at the top is Hydra's own node."""
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing():
+        return []
+    hints = get_type_hints(schema)
+    names = {spec.name for spec in fields(schema)}
+    unknown: list[str] = []
+    for key in node:
+        if not prefix and key == "hydra":
+            continue
+        if key not in names:
+            unknown.append(f"{prefix}{key}")
+        elif is_dataclass(hints.get(key)):
+            unknown += _unknown_keys(hints[key], node._get_node(key), f"{prefix}{key}.")
+    return unknown
+
+
 def job_metric_names(parity_enabled: bool = True, cache_arrays: bool = False) -> set[str]:
     """The metrics a sweep job returns (what ``objectives`` may name): DER/JER and their components in
     every scoring convention, per-stage times with their min/max over repeats, shares, RTFx,
@@ -432,13 +451,17 @@ def _cross_field_problems(cfg: DictConfig) -> list[str]:
 
 def validate(cfg: DictConfig) -> None:
     """Check every value against the schema's ranges and choice sets (:func:`bounded` metadata of
-    :class:`Config`, walked recursively) and the cross-field rules (``min_speakers <= max_speakers``,
-    objectives a job returns, ...), before any work.
+    :class:`Config`, walked recursively), keys the schema lacks (a ``+key=value`` append) and the
+    cross-field rules (``min_speakers <= max_speakers``, objectives a job returns, ...), before any work.
 
     Raises:
         ValueError: ``invalid configuration: <key> = <value>: <rule>; ...`` naming every bad key.
     """
-    bad = _field_problems(Config, cfg) + _cross_field_problems(cfg)
+    bad = [f"{key}: not a configuration key (appended with '+'; nothing would read it)"
+           + (f"; did you mean {', '.join(close)}?" if (close := difflib.get_close_matches(key, _schema_keys(), n=3))
+              else "")
+           for key in _unknown_keys(Config, cfg)]
+    bad += _field_problems(Config, cfg) + _cross_field_problems(cfg)
     if bad:
         raise ValueError("invalid configuration: " + "; ".join(bad))
 
@@ -459,14 +482,49 @@ def _allowed_values(full_key: str) -> str:
     return "; allowed: true, false" + (", null" if type(None) in args else "")
 
 
-def _override_reason(error: Exception) -> str:
-    """A Hydra composition error with OmegaConf's reason (Hydra's own text names only the override)."""
-    from omegaconf.errors import ValidationError
+def _schema_keys(schema: type = Config, prefix: str = "") -> list[str]:
+    """Every public dotted leaf key of ``schema`` (``segmentation.step_s``, ...), recursively."""
+    keys: list[str] = []
+    for name, hint in get_type_hints(schema).items():
+        if not name.startswith("_"):
+            keys += _schema_keys(hint, f"{prefix}{name}.") if is_dataclass(hint) else [f"{prefix}{name}"]
+    return keys
 
-    cause = error.__cause__
-    if not isinstance(cause, ValidationError):
-        return str(error)
-    return f"{error}: {str(cause).splitlines()[0]}{_allowed_values(str(getattr(cause, 'full_key', '')))}"
+
+def _one_line(text: str) -> str:
+    """Hydra's multi-line message as one line (its lines joined with ``; ``)."""
+    return "; ".join(line.strip().rstrip(".") for line in text.splitlines() if line.strip())
+
+
+def _override_reason(error: Exception) -> str:
+    """A Hydra composition error in one line, with OmegaConf's reason (Hydra's own text names only the
+    override): a bad value says what is allowed; a key the schema lacks says so and suggests close keys
+    (not Hydra's ``+key=value`` hint: an appended key is read by nothing); a missing group option lists
+    the group's options (not Hydra's config search path)."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause, lines = error.__cause__, str(error).splitlines() or [""]
+    if isinstance(cause, ValidationError):
+        return f"{lines[0]}: {str(cause).splitlines()[0]}{_allowed_values(str(getattr(cause, 'full_key', '')))}"
+    unknown = re.match(r"Could not override '(.+)'\.$", lines[0])
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and unknown:
+        key = unknown.group(1)
+        close = [] if key.startswith("hydra.") else difflib.get_close_matches(key, _schema_keys(), n=3)
+        return (f"Could not override {key!r}: {str(cause).splitlines()[0]}"
+                + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if isinstance(error, MissingConfigException):
+        options: list[str] = []
+        heading = ""
+        for line in lines[1:]:
+            if line.startswith("Config search path"):
+                break
+            if line.startswith("Available options in"):
+                heading = line.rstrip(":").lower()
+            elif heading and line.strip():
+                options.append(line.strip())
+        return lines[0] + (f"; {heading}: {', '.join(options)}" if options else "")
+    return _one_line(str(error))
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
@@ -480,13 +538,20 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
                                 "repository with `pip install -e .`")
     register_configs()
     GlobalHydra.instance().clear()
-    from hydra.errors import ConfigCompositionException
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
-        except ConfigCompositionException as error:  # a bad value: say why and what is allowed
-            raise ConfigCompositionException(_override_reason(error)) from error
+        except ConfigCompositionException as error:  # one line: why, and what is allowed
+            reason = _override_reason(error)
+            if reason == str(error):
+                raise
+            if isinstance(error, MissingConfigException):  # keeps its type (an OSError too) for callers
+                raise MissingConfigException(reason, error.missing_cfg_file, error.options) from error
+            raise ConfigCompositionException(reason) from error
+        except OverrideParseException as error:  # not key=value: Hydra's three lines as one
+            raise OverrideParseException(error.override, _one_line(str(error))) from error
     from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} interpolations resolve

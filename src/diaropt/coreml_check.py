@@ -10,8 +10,9 @@ Steps, per model of the configuration (``backend=coreml`` forced):
    difference, cosine), timing compile, load and prediction (macOS only).
 
 Off macOS steps 1-2 run and every step of 3 is reported as needing macOS. Exit codes: 0 checked;
-2 a configuration this check cannot feed model by model (``segmentation.sinc_shared=true``); 3 one
-that cannot be built (on this host, or a combination no backend expresses). All Apple calls go
+2 a bad override (one that does not compose, or another backend) or a configuration this check cannot
+feed model by model (``segmentation.sinc_shared=true``); 3 one that cannot be built (on this host, or
+a combination no backend expresses); 1 the report (printed) could not be written to ``--out``. All Apple calls go
 through ``AppleRuntime`` (the single boundary the tests mock).
 """
 
@@ -34,6 +35,11 @@ NEEDS_MACOS = "needs macOS (Apple's Core ML framework)"
 
 class UncheckableConfiguration(ValueError):
     """A configuration whose models this check cannot feed one by one (said before any work)."""
+
+
+class BadOverride(ValueError):
+    """An override that does not compose (Hydra's or the schema's reason, one line), or one that
+    selects another backend than the ``backend=coreml`` this check forces (said before any work)."""
 
 
 class AppleRuntime:
@@ -115,7 +121,18 @@ def check(overrides: list[str], compute_units: tuple[str, ...] = COMPUTE_UNITS,
     from diaropt.runner import dataset_from_config
     from diaropt.variants.build import build_models
 
-    cfg = compose([*overrides, "backend=coreml"])
+    other_backend = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("backend", "backend.name")
+                     and o.split("=", 1)[-1] != "coreml"]
+    if other_backend:  # it would be replaced by backend=coreml, and the report would name it
+        raise BadOverride(f"{', '.join(other_backend)}: this check builds and checks backend=coreml (drop the "
+                          "override; other backends run with python -m diaropt diarize)")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose([*overrides, "backend=coreml"])
+    except (HydraException, OmegaConfBaseException, ValueError) as error:  # config.compose: one line
+        raise BadOverride(str(error)) from error
     from diaropt.variants.fusion_plan import resolve_sinc_shared
 
     if resolve_sinc_shared(cfg, "coreml"):  # before the build: the rest model's input is no clip input
@@ -184,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailable as error:
         print(f"error: this configuration cannot be built: {error.reason}", file=sys.stderr)
         return 3
+    except BadOverride as error:
+        print(f"error: bad configuration override: {error}", file=sys.stderr)
+        return 2
     except UncheckableConfiguration as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -192,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         from diaropt.files import atomic_path
 
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(text)
+        try:
+            with atomic_path(args.out) as tmp:
+                tmp.write_text(text)
+        except OSError as error:  # the report is on stdout: say why the file is not, in one line
+            print(f"error: could not write {args.out}: {error}", file=sys.stderr)
+            return 1
     if not report["host_is_macos"]:
         print(f"ran: build, executor. Not run here ({report['macos_reason']}): "
               f"{', '.join(report['steps_needing_macos'])}", file=sys.stderr)

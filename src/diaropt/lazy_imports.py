@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.util
 import sys
 from types import ModuleType
+from typing import Any
 
 __all__ = ["import_pyannote_core_without_pyplot"]
 
@@ -29,24 +31,41 @@ class _HideMatplotlib(importlib.abc.MetaPathFinder):
         return None
 
 
-def _notebook_on_first_use(core: ModuleType):
-    def __getattr__(name: str):  # PEP 562: called only for attributes the module does not have
-        if name != "notebook":
-            raise AttributeError(f"module 'pyannote.core' has no attribute {name!r}")
-        from pyannote.core.notebook import notebook  # the Notebook instance; imports matplotlib now
+class _CoreWithLazyNotebook(ModuleType):
+    """``pyannote.core`` whose ``notebook`` attribute is pyannote.core's ``Notebook`` instance, built on
+    first access (importing matplotlib then).
 
-        core.notebook = notebook  # the submodule import bound the module object to this name
-        return notebook
+    A property, not a module ``__getattr__``: importing the submodule ``pyannote.core.notebook`` (as
+    ``Annotation._repr_png_`` does, or ``import pyannote.core.notebook``) binds the submodule object to
+    ``pyannote.core.notebook``; the setter keeps the submodule's ``notebook`` instance instead, as
+    pyannote.core's own ``from .notebook import notebook`` does on a plain import.
+    """
 
-    return __getattr__
+    @property
+    def notebook(self) -> Any:
+        state = vars(self)
+        if "notebook" not in state:
+            try:  # the import system binds the submodule through the setter below
+                submodule = importlib.import_module(f"{self.__name__}.notebook")
+            except ImportError as error:  # no matplotlib: as on a plain import, pyannote.core has no notebook
+                raise AttributeError(f"module {self.__name__!r} has no attribute 'notebook' ({error})") from error
+            state.setdefault("notebook", submodule.notebook)
+        return state["notebook"]
+
+    @notebook.setter
+    def notebook(self, value: Any) -> None:
+        if isinstance(value, ModuleType) and value.__name__ == f"{self.__name__}.notebook":
+            value = value.notebook  # the submodule, bound by the import system: keep its Notebook instance
+        vars(self)["notebook"] = value
 
 
 def import_pyannote_core_without_pyplot() -> ModuleType:
     """Import and return ``pyannote.core`` without importing matplotlib.
 
     A no-op (plain import) when pyannote.core or matplotlib is already imported. Afterwards
-    ``from pyannote.core import notebook`` still returns pyannote.core's ``Notebook`` instance: it is
-    built on first access. Raises whatever ``import pyannote.core`` raises.
+    ``pyannote.core.notebook`` (``from pyannote.core import notebook``) is still pyannote.core's
+    ``Notebook`` instance, also after ``Annotation._repr_png_`` or ``import pyannote.core.notebook``:
+    it is built on first access. Raises whatever ``import pyannote.core`` raises.
     """
     if "pyannote.core" in sys.modules or "matplotlib" in sys.modules:
         return importlib.import_module("pyannote.core")
@@ -56,6 +75,16 @@ def import_pyannote_core_without_pyplot() -> ModuleType:
         core = importlib.import_module("pyannote.core")
     finally:
         sys.meta_path.remove(hide)
-    if "notebook" not in vars(core):
-        core.__getattr__ = _notebook_on_first_use(core)
+    if "notebook" not in vars(core):  # pyannote.core's notebook import failed (as intended) above
+        core.__class__ = _CoreWithLazyNotebook
+        if "notebook" not in core.__all__ and _findable("matplotlib"):
+            core.__all__ = [*core.__all__, "notebook"]  # as a plain import lists it (``import *``)
     return core
+
+
+def _findable(name: str) -> bool:
+    """Whether the top-level module ``name`` could be imported (found, not imported)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
