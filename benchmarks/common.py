@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -93,7 +94,7 @@ def flat_metrics(tree: Any, prefix: str = "") -> dict[str, float]:
         for key, value in tree.items():
             out.update(flat_metrics(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        out[prefix.replace("=", "_").replace(",", "_")[:250]] = float(tree)
+        out[re.sub(r"[^0-9A-Za-z_\-. :/]", "_", prefix)[:250]] = float(tree)  # MLflow's allowed name characters
     return out
 
 

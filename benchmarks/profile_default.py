@@ -156,15 +156,17 @@ def profile_with_cprofile(length_min: float, timings_path: Path) -> dict[str, An
 
 
 def _feeds(session: Any, chunks: Any, batch: int) -> dict[str, Any]:
-    """Inputs for one batch by name: real waveforms, all-one masks, the trunk's frames of the chunks
-    for the pooling model (the tiled trunk's second model)."""
+    """Inputs for one batch by name: real waveforms (``chunks (batch, samples)`` cut to the model's input
+    length: the ``segmentation.sinc_shared`` front model takes ~1 s rows), all-one masks, and non-negative
+    stand-ins for feature inputs (the tiled trunk's frames, the sinc rest model's pooled frames)."""
     import numpy as np
 
     feeds: dict[str, Any] = {}
     for spec in session.get_inputs():
         shape = (batch, *spec.shape[1:])
-        if spec.name == "waveforms":
-            feeds[spec.name] = chunks.reshape(shape)
+        if spec.name == "waveforms":  # a chunk per row, or (sinc front model) its first row's samples
+            samples = spec.shape[-1] if isinstance(spec.shape[-1], int) else chunks.shape[-1]
+            feeds[spec.name] = np.ascontiguousarray(chunks[:, :samples]).reshape(*shape[:-1], samples)
         elif spec.name == "masks":
             feeds[spec.name] = np.ones(shape, np.float32)
         else:  # frame_features: ReLU outputs, any non-negative values exercise the same kernels

@@ -272,3 +272,14 @@ def test_summary_provenance_keeps_a_dirty_tree_said(tmp_path: Path) -> None:
     (tmp_path / "startup_profile.json").write_text(json.dumps(result))
     text = summarize.summarize(tmp_path)
     assert "commit `0123456789ab`, 2026-12-01" in text and "uncommitted" not in text
+
+
+def test_benchmark_metric_names_are_ones_mlflow_accepts() -> None:
+    """profile_default's ``stage_share`` has a stage named ``pipeline (other)``: MLflow refuses parentheses."""
+    import re
+
+    from common import flat_metrics
+
+    names = flat_metrics({"stage_share": {"pipeline (other)": 0.1}, "a=b,c": {"x": 1}})
+    assert names == {"stage_share.pipeline _other_": 0.1, "a_b_c.x": 1.0}
+    assert all(re.fullmatch(r"[0-9A-Za-z_\-. :/]+", name) for name in names)
