@@ -165,6 +165,13 @@ def test_diarize_command_runs_without_torch_or_matplotlib(tmp_path, assets):
     assert (tmp_path / "out" / "short.rttm").read_text().startswith("SPEAKER short 1 ")
 
 
+def _fresh_python(code: str) -> list[str]:
+    """The whitespace-separated words ``code`` prints in a new interpreter (which must exit 0)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
 def test_pyannote_core_without_pyplot_keeps_its_notebook():
     """After the deferred import, pyannote.core works and ``from pyannote.core import notebook`` is
     still its ``Notebook`` instance (built on first access, with matplotlib imported then)."""
@@ -174,9 +181,7 @@ def test_pyannote_core_without_pyplot_keeps_its_notebook():
             "from pyannote.core import notebook; import pyannote.core; "
             "print(before, type(notebook).__name__, pyannote.core.notebook is notebook, 'matplotlib' in sys.modules, "
             "a.labels(), sys.meta_path[0].__class__.__name__ != '_HideMatplotlib')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["False", "Notebook", "True", "True", "['A']", "True"]
+    assert _fresh_python(code) == ["False", "Notebook", "True", "True", "['A']", "True"]
 
 
 def test_pyannote_core_notebook_stays_the_notebook_after_its_submodule_is_imported():
@@ -190,9 +195,7 @@ def test_pyannote_core_notebook_stays_the_notebook_after_its_submodule_is_import
             "from pyannote.core import notebook; notebook.crop = Segment(0, 2); notebook.reset(); "
             "print(type(core.notebook).__name__, core.notebook is notebook, 'notebook' in core.__all__, "
             "png[:4] == b'\\x89PNG', notebook.crop)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["Notebook", "True", "True", "True", "None"]
+    assert _fresh_python(code) == ["Notebook", "True", "True", "True", "None"]
 
 
 def test_pyannote_core_without_matplotlib_has_no_notebook_as_a_plain_import():
@@ -201,6 +204,4 @@ def test_pyannote_core_without_matplotlib_has_no_notebook_as_a_plain_import():
     code = ("import sys; from diaropt.lazy_imports import _HideMatplotlib, import_pyannote_core_without_pyplot as f; "
             "sys.meta_path.insert(0, _HideMatplotlib()); core = f(); "
             "print(hasattr(core, 'notebook'), 'notebook' in core.__all__)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["False", "False"]
+    assert _fresh_python(code) == ["False", "False"]
