@@ -376,6 +376,7 @@ def main() -> int:
         results["headline"] = headline_of(results)
         write_results("peer", results, args.out, announce=status == "complete")  # partial saves: after each round
 
+    print(f"results, saved after every round: {args.out}", flush=True)
     for r in range(max(args.repeats, args.cold_repeats)):
         order = names[r % len(names):] + names[: r % len(names)]
         for set_name, file_set in file_sets.items():
