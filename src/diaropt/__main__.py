@@ -74,18 +74,15 @@ def diarize(argv: list[str]) -> int:
 
     import_pyannote_core_without_pyplot()  # before anything imports pyannote.core: no matplotlib (~0.5 s)
     from diaropt.backends.base import BackendUnavailable
-    from diaropt.config import compose
+    from diaropt.config import OVERRIDE_ERRORS, compose
     from diaropt.data.annotations import write_rttm
     from diaropt.pipeline.timing import StageTimer
     from diaropt.runner import ChunkProgress, load_pipeline
     from diaropt.variants.build import build_models
 
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         cfg = compose(overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as error:  # before any work
+    except OVERRIDE_ERRORS as error:  # before any work
         print(f"error: bad configuration override: {error}", file=sys.stderr)
         return 2
     missing = [str(path) for path in args.audio if not path.is_file()]
@@ -212,16 +209,13 @@ def ui(argv: list[str]) -> int:
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port}: not a TCP port (1-65535)")
 
-    from diaropt.config import REPO_ROOT, compose
+    from diaropt.config import OVERRIDE_ERRORS, REPO_ROOT, compose
     from diaropt.tracking.store import resolve_tracking_uri
     from diaropt.tracking.ui import UiError, serve
 
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         cfg = compose(overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as error:
+    except OVERRIDE_ERRORS as error:
         print(f"error: bad configuration override: {error}", file=sys.stderr)
         return 2
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT)  # exactly as the sweep's jobs do

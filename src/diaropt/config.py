@@ -30,10 +30,15 @@ from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
+#: what :func:`compose` raises for a bad override or value (Hydra's and OmegaConf's errors, in one line;
+#: ``ValueError`` from :func:`validate`): the command lines catch these to refuse before any work
+OVERRIDE_ERRORS: tuple[type[Exception], ...] = (HydraException, OmegaConfBaseException, ValueError)
 
 # ``${repo_sibling:shared/data/x}``: a folder beside the checkout (the datasets' default LibriSpeech
 # source), the same whatever the working directory (benchmarks/ scripts, notebooks/)

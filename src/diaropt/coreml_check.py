@@ -116,7 +116,7 @@ def check(overrides: list[str], compute_units: tuple[str, ...] = COMPUTE_UNITS,
           runtime_factory=AppleRuntime) -> dict[str, Any]:
     """Run every step this host can; a JSON-able report (``steps_needing_macos`` lists the rest)."""
     from diaropt.backends.coreml_program import CoreMLProgramModel
-    from diaropt.config import compose
+    from diaropt.config import OVERRIDE_ERRORS, compose
     from diaropt.pipeline.audio import load_audio
     from diaropt.runner import dataset_from_config
     from diaropt.variants.build import build_models
@@ -126,12 +126,9 @@ def check(overrides: list[str], compute_units: tuple[str, ...] = COMPUTE_UNITS,
     if other_backend:  # it would be replaced by backend=coreml, and the report would name it
         raise BadOverride(f"{', '.join(other_backend)}: this check builds and checks backend=coreml (drop the "
                           "override; other backends run with python -m diaropt diarize)")
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         cfg = compose([*overrides, "backend=coreml"])
-    except (HydraException, OmegaConfBaseException, ValueError) as error:  # config.compose: one line
+    except OVERRIDE_ERRORS as error:  # config.compose: one line
         raise BadOverride(str(error)) from error
     from diaropt.variants.fusion_plan import resolve_sinc_shared
 

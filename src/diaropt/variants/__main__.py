@@ -117,10 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("overrides", nargs="*")
     table.add_argument("--out", type=Path, default=None, help="write the Markdown table here (default: stdout)")
     args = parser.parse_args(argv)
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     from diaropt.backends.base import BackendUnavailable
+    from diaropt.config import OVERRIDE_ERRORS
 
     try:
         if args.command == "build":
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 with atomic_path(args.out) as tmp:
                     tmp.write_text(text)
             print(text)
-    except (HydraException, OmegaConfBaseException, ValueError, FileNotFoundError) as error:  # bad override
+    except (*OVERRIDE_ERRORS, FileNotFoundError) as error:  # bad override
         print(f"error: {error}", file=sys.stderr)
         return 2
     except BackendUnavailable as error:  # e.g. w8a8 off macOS: refused before any work
