@@ -447,11 +447,16 @@ def _cross_field_problems(cfg: DictConfig) -> list[str]:
         bool(cfg.parity.enabled), bool(cfg.cache_arrays))
     for name in objectives:
         if name not in known:
-            close = difflib.get_close_matches(str(name), sorted(known), n=3)
             off = " (parity.enabled=false: no parity_* metric)" if str(name).startswith("parity_") else ""
             problems.append(f"objectives: {name!r} is not a metric a job returns{off}"
-                            + (f"; did you mean {', '.join(close)}?" if close else ""))
+                            + _did_you_mean(str(name), sorted(known)))
     return problems
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    """``"; did you mean a, b?"`` with up to 3 of ``choices`` close to ``name`` (difflib), ``""`` if none."""
+    close = difflib.get_close_matches(name, choices, n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def validate(cfg: DictConfig) -> None:
@@ -463,9 +468,7 @@ def validate(cfg: DictConfig) -> None:
         ValueError: ``invalid configuration: <key> = <value>: <rule>; ...`` naming every bad key.
     """
     bad = [f"{key}: not a configuration key (appended with '+'; nothing would read it)"
-           + (f"; did you mean {', '.join(close)}?" if (close := difflib.get_close_matches(key, _schema_keys(), n=3))
-              else "")
-           for key in _unknown_keys(Config, cfg)]
+           + _did_you_mean(key, _schema_keys()) for key in _unknown_keys(Config, cfg)]
     bad += _field_problems(Config, cfg) + _cross_field_problems(cfg)
     if bad:
         raise ValueError("invalid configuration: " + "; ".join(bad))
@@ -515,9 +518,8 @@ def _override_reason(error: Exception) -> str:
     unknown = re.match(r"Could not override '(.+)'\.$", lines[0])
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and unknown:
         key = unknown.group(1)
-        close = [] if key.startswith("hydra.") else difflib.get_close_matches(key, _schema_keys(), n=3)
         return (f"Could not override {key!r}: {str(cause).splitlines()[0]}"
-                + (f"; did you mean {', '.join(close)}?" if close else ""))
+                + ("" if key.startswith("hydra.") else _did_you_mean(key, _schema_keys())))
     if isinstance(error, MissingConfigException):
         options: list[str] = []
         heading = ""
