@@ -123,7 +123,7 @@ def scaling_section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
     return lines, targets
 
 
-def compute_section(result: dict[str, Any]) -> list[str]:
+def compute_section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
     lines = ["## Compute limit (`compute_limit.py`)", "", _provenance(result) + f", {result['recording']['uri']}",
              "", f"Attainable matmul throughput measured in the same run: {result['peak_gflops']:.0f} GFLOP/s "
              f"(best of the measurements before and after the pipeline run).", "",
@@ -132,10 +132,20 @@ def compute_section(result: dict[str, Any]) -> list[str]:
     for stage, entry in result.get("stages", {}).items():
         lines.append(f"| {stage} | {entry['gflop_per_audio_s']:.2f} | {entry['achieved_gflops']:.1f} | "
                      f"{100 * entry['fraction_of_peak']:.1f} % | {entry['rtfx_bound_at_peak']:.1f} |")
-    return lines + [""]
+    stages, targets = result.get("stages", {}), []
+    if {"segmentation", "embedding"} <= set(stages):
+        seg, emb = (stages[k]["gflop_per_audio_s"] for k in ("segmentation", "embedding"))
+        targets.append(f"- the embedding network needs {emb / seg:.1f}x the FLOPs of segmentation per audio "
+                       f"second ({emb:.2f} vs {seg:.2f} GFLOP; compute_limit)")
+    for stage in ("segmentation", "embedding"):
+        if stage in stages:
+            fraction = stages[stage]["fraction_of_peak"]
+            targets.append(f"- {stage} at {100 * fraction:.0f} % of the measured matmul peak (compute_limit) — "
+                           f"≥ {100 * COMPUTE_AIM:.0f} % aim {_mark(fraction >= COMPUTE_AIM)}")
+    return lines + [""], targets
 
 
-def profile_section(result: dict[str, Any]) -> list[str]:
+def profile_section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
     top = result.get("top_items", {})
     lines = ["## Where the time goes (`profile_default.py`)", "", _provenance(result) + f", {result.get('recording')}"
              f", profiler: {result.get('profiler')}; artifacts: {', '.join(result.get('artifacts', []))}", ""]
@@ -148,7 +158,7 @@ def profile_section(result: dict[str, Any]) -> list[str]:
             lines.append(f"- {key.replace('_', ' ')}: {', '.join(top[key])}")
     if top.get("python_inclusive"):
         lines.append(f"- Python inclusive: {', '.join(top['python_inclusive'][:6])}")
-    return lines + [""]
+    return lines + [""], []  # no target rests on the profile
 
 
 def startup_section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -241,31 +251,14 @@ def summarize(results_dir: Path) -> str:
     sections: list[str] = []
     targets: list[str] = []
     missing: list[str] = []
-    for name in ("long_form", "scaling", "compute_limit", "profile_default", "peer", "startup_profile"):
+    sections_of = {"long_form": long_form_section, "scaling": scaling_section, "compute_limit": compute_section,
+                   "profile_default": profile_section, "peer": peer_section, "startup_profile": startup_section}
+    for name, section in sections_of.items():
         result = _load(results_dir, name)
         if result is None:
             missing.append(name)
             continue
-        if name == "long_form":
-            lines, found = long_form_section(result)
-        elif name == "scaling":
-            lines, found = scaling_section(result)
-        elif name == "compute_limit":
-            lines, found = compute_section(result), []
-            stages = result.get("stages", {})
-            if {"segmentation", "embedding"} <= set(stages):
-                seg, emb = (stages[k]["gflop_per_audio_s"] for k in ("segmentation", "embedding"))
-                found.append(f"- the embedding network needs {emb / seg:.1f}x the FLOPs of segmentation per audio "
-                               f"second ({emb:.2f} vs {seg:.2f} GFLOP; compute_limit)")
-            for stage in ("segmentation", "embedding"):
-                if stage in stages:
-                    fraction = stages[stage]["fraction_of_peak"]
-                    found.append(f"- {stage} at {100 * fraction:.0f} % of the measured matmul peak (compute_limit) — "
-                                   f"≥ {100 * COMPUTE_AIM:.0f} % aim {_mark(fraction >= COMPUTE_AIM)}")
-        elif name in ("peer", "startup_profile"):
-            lines, found = (peer_section if name == "peer" else startup_section)(result)
-        else:
-            lines, found = profile_section(result), []
+        lines, found = section(result)
         sections += lines
         targets += [f"{line} [{_when(result)}]" for line in found]
     for path in sorted(results_dir.glob("long_form_*.json")):  # extra long-form runs, e.g. other candidates
